@@ -1,0 +1,38 @@
+/* Engines: the same lifecycle over stock QEMU (the graph built with public
+ * QMP, engine-qemu.c) or Proxmox's patched QEMU (its backup command with
+ * fleecing: true, engine-pve.c).  engine.c probes QEMU and dispatches. */
+#ifndef FLEECE_ENGINE_H
+#define FLEECE_ENGINE_H
+
+#include "internal.h"
+
+G_BEGIN_DECLS
+
+typedef struct {
+  const char *name;            /* "qemu" or "pve" */
+  /* Checks the running QEMU has what plan needs (warnings via the log). */
+  bool (*check_plan) (struct fleece_handle *h, struct fleece_plan *p,
+                      GError **err);
+  bool (*attach) (struct fleece_handle *h, struct fleece_plan *p, GError **err);
+  bool (*start) (struct fleece_handle *h, struct fleece_plan *p,
+                 struct fleece_target *t, GError **err);
+  /* Updates per-drive progress; returns 1 ended well, 0 running, -1 failed. */
+  int (*poll) (struct fleece_handle *h, int timeout_ms, GError **err);
+  bool (*cancel) (struct fleece_handle *h, GError **err);
+  /* Undo what record describes (h->qmp may be NULL if QEMU is gone). */
+  bool (*cleanup) (struct fleece_handle *h, json_object *record, GError **err);
+} FleeceEngineOps;
+
+extern const FleeceEngineOps fleece_engine_qemu_ops;
+
+/* The engine h uses (h->engine chosen at connect). */
+const FleeceEngineOps *fleece_engine_ops (struct fleece_handle *h);
+
+/* After connecting: load features and choose the engine. */
+bool fleece_engine_probe (struct fleece_handle *h, GError **err);
+/* (Re)choose h->engine from h->engine_request and h->features. */
+bool fleece_engine_choose (struct fleece_handle *h, GError **err);
+
+G_END_DECLS
+
+#endif
