@@ -1,0 +1,1275 @@
+/* The stock QEMU engine: builds over public QMP the graph that Proxmox's
+ * patched QEMU builds inside its backup command (docs/design.md):
+ *
+ *   [device] --root--> [cbw] <--file-- [snapshot-access] --> backup job
+ *                      |file  |target
+ *                      v      v
+ *                  [source] [fleecing image]
+ *
+ * Every QMP command this engine sends is built in the "commands" section
+ * below, so the sequence can be read top to bottom.  The record is written
+ * before each step that creates something, so that cleanup can undo a run
+ * interrupted at any point. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <uuid/uuid.h>
+
+#include "internal.h"
+#include "engine.h"
+#include "target.h"
+
+#define MIN_JOB_CLUSTER (4u * 1024 * 1024)  /* RBD objects; see the seed */
+#define JOB_END_TIMEOUT_MS 120000
+
+/* ---- names --------------------------------------------------------- */
+
+/* All at most 31 characters for keys of at most 16 (plan.c checks). */
+static char *fleecing_node (const char *key) { return g_strdup_printf ("drive-%s-fleecing", key); }
+static char *fleecing_file_node (const char *key) { return g_strdup_printf ("%s-fleecing-file", key); }
+static char *cbw_node (const char *key) { return g_strdup_printf ("%s-fleece-cbw", key); }
+static char *snap_node (const char *key) { return g_strdup_printf ("%s-fleece-snap", key); }
+static char *target_node (const char *key) { return g_strdup_printf ("%s-fleece-tgt", key); }
+static char *target_file_node (const char *key) { return g_strdup_printf ("%s-fleece-tf", key); }
+static char *job_id (const char *key) { return g_strdup_printf ("fleece-%s", key); }
+
+/* ---- small JSON helpers --------------------------------------------- */
+
+static const char *
+jstr (json_object *o, const char *key)
+{
+  json_object *v;
+  if (!o || !json_object_object_get_ex (o, key, &v) || !v)
+    return NULL;
+  return json_object_get_string (v);
+}
+
+static bool
+jbool (json_object *o, const char *key)
+{
+  json_object *v;
+  return o && json_object_object_get_ex (o, key, &v) && json_object_get_boolean (v);
+}
+
+static void
+jset_str (json_object *o, const char *key, const char *val)
+{
+  json_object_object_add (o, key, val ? json_object_new_string (val) : NULL);
+}
+
+/* ---- commands -------------------------------------------------------- */
+
+static bool
+qmp_do (struct fleece_handle *h, const char *cmd, json_object *args,
+        GError **err)
+{
+  json_object *r = fleece_qmp_execute (h->qmp, cmd, args, err);
+  if (!r)
+    return false;
+  json_object_put (r);
+  return true;
+}
+
+static json_object *
+bitmap_ref (const char *node, const char *name)
+{
+  json_object *b = json_object_new_object ();
+  jset_str (b, "node", node);
+  jset_str (b, "name", name);
+  return b;
+}
+
+static char *
+cbw_bitmap_name (const char *bitmap)
+{
+  return g_strdup_printf ("fleece-cbw-%s", bitmap);
+}
+
+/* The job's cluster: discard is aligned inwards to it, so it must cover
+ * the fleecing image's cluster (or RBD object); 4 MiB at least. */
+static uint64_t
+job_cluster (FleeceDrive *d)
+{
+  return MAX ((uint64_t) MIN_JOB_CLUSTER, d->cluster_size);
+}
+
+/* The incremental job reads whole job clusters around each dirty bit, and
+ * snapshot-access refuses reads outside cbw's bitmap (EACCES): cbw gets a
+ * copy of the bitmap coarsened to the job's cluster. */
+static bool
+cmd_add_cbw_bitmap (struct fleece_handle *h, FleeceDrive *d, GError **err)
+{
+  g_autofree char *coarse = cbw_bitmap_name (h->bitmap);
+  json_object *add = bitmap_ref (d->root, coarse);
+  json_object *merge = json_object_new_object ();
+  json_object *from = json_object_new_array ();
+
+  json_object_object_add (add, "granularity",
+                          json_object_new_int64 ((int64_t) job_cluster (d)));
+  json_object_object_add (add, "persistent", json_object_new_boolean (false));
+  if (!qmp_do (h, "block-dirty-bitmap-add", add, err))
+    return false;
+  jset_str (merge, "node", d->root);
+  jset_str (merge, "target", coarse);
+  json_object_array_add (from, bitmap_ref (d->root, h->bitmap));
+  json_object_object_add (merge, "bitmaps", from);
+  return qmp_do (h, "block-dirty-bitmap-merge", merge, err);
+}
+
+/* cbw copied the coarse bitmap when it opened; drop ours. */
+static void
+cmd_del_cbw_bitmap (struct fleece_handle *h, const char *root, const char *bitmap)
+{
+  g_autoptr (GError) err = NULL;
+  g_autofree char *coarse = cbw_bitmap_name (bitmap);
+
+  if (!qmp_do (h, "block-dirty-bitmap-remove", bitmap_ref (root, coarse), &err))
+    fleece_log (h, FLEECE_LOG_DEBUG, "%s", err->message);
+}
+
+/* The fleecing image: format node over file node, discard passed down so
+ * the backup's discard-source frees space in the storage. */
+static bool
+cmd_add_fleecing (struct fleece_handle *h, FleeceDrive *d, const char *path,
+                  GError **err)
+{
+  g_autofree char *node = fleecing_node (d->key);
+  g_autofree char *fnode = fleecing_file_node (d->key);
+  json_object *a = json_object_new_object ();
+  json_object *file = json_object_new_object ();
+
+  jset_str (file, "driver",
+            g_file_test (path, G_FILE_TEST_IS_REGULAR) ? "file" : "host_device");
+  jset_str (file, "filename", path);
+  jset_str (file, "node-name", fnode);
+  jset_str (file, "discard", "unmap");
+  jset_str (a, "driver", d->format);
+  jset_str (a, "node-name", node);
+  jset_str (a, "discard", "unmap");
+  jset_str (a, "detect-zeroes", "unmap");
+  json_object_object_add (a, "file", file);
+  /* Storages round sizes up (LVM extents); raw takes the exact size. */
+  if (strcmp (d->format, "raw") == 0)
+    json_object_object_add (a, "size", json_object_new_int64 ((int64_t) d->size));
+  return qmp_do (h, "blockdev-add", a, err);
+}
+
+static bool
+cmd_add_cbw (struct fleece_handle *h, FleeceDrive *d, GError **err)
+{
+  g_autofree char *node = cbw_node (d->key);
+  g_autofree char *target = fleecing_node (d->key);
+  json_object *a = json_object_new_object ();
+
+  jset_str (a, "driver", "copy-before-write");
+  jset_str (a, "node-name", node);
+  jset_str (a, "file", d->root);
+  jset_str (a, "target", target);
+  /* A failed or slow copy must break the backup, never the guest write. */
+  jset_str (a, "on-cbw-error", "break-snapshot");
+  if (h->cbw_timeout)
+    json_object_object_add (a, "cbw-timeout", json_object_new_int64 (h->cbw_timeout));
+  if (h->bitmap) {
+    g_autofree char *coarse = cbw_bitmap_name (h->bitmap);
+    json_object_object_add (a, "bitmap", bitmap_ref (d->root, coarse));
+  }
+  return qmp_do (h, "blockdev-add", a, err);
+}
+
+static bool
+cmd_set_drive (struct fleece_handle *h, const char *qdev, const char *node,
+               GError **err)
+{
+  json_object *a = json_object_new_object ();
+  jset_str (a, "path", qdev);
+  jset_str (a, "property", "drive");
+  jset_str (a, "value", node);
+  return qmp_do (h, "qom-set", a, err);
+}
+
+static bool
+cmd_add_snapshot_access (struct fleece_handle *h, FleeceDrive *d, GError **err)
+{
+  g_autofree char *node = snap_node (d->key);
+  g_autofree char *cbw = cbw_node (d->key);
+  json_object *a = json_object_new_object ();
+
+  jset_str (a, "driver", "snapshot-access");
+  jset_str (a, "node-name", node);
+  jset_str (a, "file", cbw);
+  /* Without it discard-source silently does nothing. */
+  jset_str (a, "discard", "unmap");
+  return qmp_do (h, "blockdev-add", a, err);
+}
+
+static bool
+cmd_add_target (struct fleece_handle *h, const struct fleece_target *t,
+                FleeceDrive *d, GError **err)
+{
+  g_autofree char *node = target_node (d->key);
+  g_autofree char *fnode = target_file_node (d->key);
+  return qmp_do (h, "blockdev-add",
+                 fleece_target_blockdev (t, d->key, node, fnode), err);
+}
+
+static json_object *
+backup_action (struct fleece_handle *h, FleeceDrive *d)
+{
+  g_autofree char *job = job_id (d->key);
+  g_autofree char *src = d->fleeced ? snap_node (d->key) : g_strdup (d->root);
+  g_autofree char *tgt = target_node (d->key);
+  json_object *a = json_object_new_object ();
+  json_object *act = json_object_new_object ();
+
+  jset_str (a, "job-id", job);
+  jset_str (a, "device", src);
+  jset_str (a, "target", tgt);
+  if (h->bitmap) {
+    jset_str (a, "sync", "incremental");
+    jset_str (a, "bitmap", h->bitmap);
+  } else {
+    jset_str (a, "sync", "full");
+  }
+  /* We read the final status from query-jobs, then dismiss. */
+  json_object_object_add (a, "auto-dismiss", json_object_new_boolean (false));
+  if (h->bwlimit_kib)
+    json_object_object_add (a, "speed",
+                            json_object_new_int64 ((int64_t) (h->bwlimit_kib * 1024)));
+  if (d->fleeced) {
+    if (h->features.discard_source)
+      json_object_object_add (a, "discard-source", json_object_new_boolean (true));
+    if (h->features.perf_min_cluster_size) {
+      /* Discard is aligned inwards to the job's cluster: it must cover the
+       * fleecing image's cluster (or RBD object). */
+      json_object *perf = json_object_new_object ();
+      json_object_object_add (perf, "min-cluster-size",
+                              json_object_new_int64 ((int64_t) job_cluster (d)));
+      json_object_object_add (a, "x-perf", perf);
+    }
+  }
+  jset_str (act, "type", "blockdev-backup");
+  json_object_object_add (act, "data", a);
+  return act;
+}
+
+static json_object *
+action (const char *type, json_object *data)
+{
+  json_object *a = json_object_new_object ();
+  jset_str (a, "type", type);
+  json_object_object_add (a, "data", data);
+  return a;
+}
+
+/* Incremental through snapshot-access: blockdev-backup looks the bitmap up
+ * on its source node only, so the source's bitmap is handed over to a copy
+ * on the snapshot-access node and cleared on the source, in the same
+ * transaction as the jobs (the copy is the point in time; the source goes
+ * on tracking new writes).  A failed run merges the copy back (cleanup). */
+static void
+bitmap_handover (struct fleece_handle *h, FleeceDrive *d, json_object *actions)
+{
+  g_autofree char *snap = snap_node (d->key);
+  json_object *add = bitmap_ref (snap, h->bitmap);
+  json_object *merge = json_object_new_object ();
+  json_object *from = json_object_new_array ();
+
+  json_object_array_add (actions, action ("block-dirty-bitmap-add", add));
+  jset_str (merge, "node", snap);
+  jset_str (merge, "target", h->bitmap);
+  json_object_array_add (from, bitmap_ref (d->root, h->bitmap));
+  json_object_object_add (merge, "bitmaps", from);
+  json_object_array_add (actions, action ("block-dirty-bitmap-merge", merge));
+  json_object_array_add (actions, action ("block-dirty-bitmap-clear",
+                                          bitmap_ref (d->root, h->bitmap)));
+}
+
+/* Give a failed incremental run's dirty bits back to the source bitmap. */
+static void
+cmd_bitmap_restore (struct fleece_handle *h, const char *root, const char *snap,
+                    const char *name)
+{
+  g_autoptr (GError) err = NULL;
+  json_object *merge = json_object_new_object ();
+  json_object *from = json_object_new_array ();
+
+  jset_str (merge, "node", root);
+  jset_str (merge, "target", name);
+  json_object_array_add (from, bitmap_ref (snap, name));
+  json_object_object_add (merge, "bitmaps", from);
+  if (!qmp_do (h, "block-dirty-bitmap-merge", merge, &err))
+    fleece_log (h, FLEECE_LOG_DEBUG, "no bitmap to give back on %s: %s", snap,
+                err->message);
+  else
+    fleece_log (h, FLEECE_LOG_INFO, "gave the dirty bitmap %s of the failed "
+                "backup back to %s", name, root);
+}
+
+/* All jobs in one transaction: one point in time for drives backed up
+ * directly, and a failure of one cancels all (grouped). */
+static bool
+cmd_start_jobs (struct fleece_handle *h, struct fleece_plan *p, GError **err)
+{
+  json_object *a = json_object_new_object ();
+  json_object *actions = json_object_new_array ();
+  json_object *props = json_object_new_object ();
+
+  if (h->bitmap) {
+    /* Bitmap actions refuse the grouped completion mode: hand over first,
+     * in a transaction of their own (the vCPUs are stopped meanwhile). */
+    json_object *handover = json_object_new_array ();
+    json_object *ha = json_object_new_object ();
+
+    for (guint i = 0; i < p->drives->len; i++)
+      if (((FleeceDrive *) p->drives->pdata[i])->fleeced)
+        bitmap_handover (h, p->drives->pdata[i], handover);
+    json_object_object_add (ha, "actions", handover);
+    if (json_object_array_length (handover) == 0)
+      json_object_put (ha);
+    else if (!qmp_do (h, "transaction", ha, err)) {
+      json_object_put (a);
+      json_object_put (actions);
+      json_object_put (props);
+      return false;
+    }
+  }
+  for (guint i = 0; i < p->drives->len; i++)
+    json_object_array_add (actions, backup_action (h, p->drives->pdata[i]));
+  jset_str (props, "completion-mode", "grouped");
+  json_object_object_add (a, "actions", actions);
+  json_object_object_add (a, "properties", props);
+  return qmp_do (h, "transaction", a, err);
+}
+
+static bool
+cmd_del (struct fleece_handle *h, const char *node, GError **err)
+{
+  json_object *a = json_object_new_object ();
+  jset_str (a, "node-name", node);
+  return qmp_do (h, "blockdev-del", a, err);
+}
+
+static bool
+cmd_job (struct fleece_handle *h, const char *cmd, const char *id, GError **err)
+{
+  json_object *a = json_object_new_object ();
+  jset_str (a, "id", id);
+  return qmp_do (h, cmd, a, err);
+}
+
+/* ---- queries ---------------------------------------------------------- */
+
+/* node-name -> virtual size, of every named node. */
+static GHashTable *
+query_nodes (struct fleece_handle *h, GError **err)
+{
+  g_autoptr (json_object) r = NULL;
+  json_object *args = json_object_new_object ();
+  GHashTable *nodes;
+
+  json_object_object_add (args, "flat", json_object_new_boolean (true));
+  r = fleece_qmp_execute (h->qmp, "query-named-block-nodes", args, err);
+  if (!r)
+    return NULL;
+  nodes = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, g_free);
+  for (size_t i = 0; i < json_object_array_length (r); i++) {
+    json_object *n = json_object_array_get_idx (r, i), *img, *v;
+    const char *name = jstr (n, "node-name");
+    guint64 *size = g_new0 (guint64, 1);
+
+    if (json_object_object_get_ex (n, "image", &img) &&
+        json_object_object_get_ex (img, "virtual-size", &v))
+      *size = (guint64) json_object_get_int64 (v);
+    if (name)
+      g_hash_table_replace (nodes, g_strdup (name), size);
+    else
+      g_free (size);
+  }
+  return nodes;
+}
+
+/* QOM device path -> current root node name. */
+static GHashTable *
+query_roots (struct fleece_handle *h, GError **err)
+{
+  g_autoptr (json_object) r = fleece_qmp_execute (h->qmp, "query-block", NULL, err);
+  GHashTable *roots;
+
+  if (!r)
+    return NULL;
+  roots = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, g_free);
+  for (size_t i = 0; i < json_object_array_length (r); i++) {
+    json_object *b = json_object_array_get_idx (r, i), *ins;
+    const char *qdev = jstr (b, "qdev");
+    g_autofree char *path = NULL;
+
+    if (!qdev || !json_object_object_get_ex (b, "inserted", &ins))
+      continue;
+    if (qdev[0] != '/')
+      path = g_strdup_printf ("/machine/peripheral/%s", qdev);
+    else if (g_str_has_suffix (qdev, "/virtio-backend"))
+      path = g_strndup (qdev, strlen (qdev) - strlen ("/virtio-backend"));
+    else
+      path = g_strdup (qdev);
+    if (jstr (ins, "node-name"))
+      g_hash_table_replace (roots, g_steal_pointer (&path),
+                            g_strdup (jstr (ins, "node-name")));
+  }
+  return roots;
+}
+
+/* ---- the record -------------------------------------------------------- */
+
+static bool
+record_save (struct fleece_handle *h, GError **err)
+{
+  FleeceRecordStore rs = fleece_handle_record_store (h);
+  return fleece_record_store (&rs, h->vmid, h->record, err);
+}
+
+static void
+record_set_state (struct fleece_handle *h, const char *state)
+{
+  jset_str (h->record, "state", state);
+}
+
+static json_object *
+record_drive (struct fleece_handle *h, const char *key)
+{
+  json_object *drives;
+  if (!json_object_object_get_ex (h->record, "drives", &drives))
+    return NULL;
+  for (size_t i = 0; i < json_object_array_length (drives); i++) {
+    json_object *d = json_object_array_get_idx (drives, i);
+    if (g_strcmp0 (jstr (d, "key"), key) == 0)
+      return d;
+  }
+  return NULL;
+}
+
+static json_object *
+record_new (struct fleece_handle *h, struct fleece_plan *p)
+{
+  json_object *r = json_object_new_object ();
+  json_object *drives = json_object_new_array ();
+  uuid_t u;
+  char run[37];
+
+  uuid_generate (u);
+  uuid_unparse_lower (u, run);
+  json_object_object_add (r, "version", json_object_new_int (1));
+  json_object_object_add (r, "vmid", json_object_new_int64 (h->vmid));
+  jset_str (r, "engine", "qemu");
+  jset_str (r, "run", run);
+  jset_str (r, "qmp", h->qmp_path);
+  jset_str (r, "state", "attaching");
+  json_object_object_add (r, "created",
+                          json_object_new_int64 (g_get_real_time () / G_USEC_PER_SEC));
+  if (h->storage)
+    json_object_object_add (r, "storage", fleece_storage_describe (h->storage));
+  json_object_object_add (r, "paused-by-us", json_object_new_boolean (false));
+  jset_str (r, "bitmap", h->bitmap);
+  for (guint i = 0; i < p->drives->len; i++) {
+    FleeceDrive *d = p->drives->pdata[i];
+    json_object *j = json_object_new_object ();
+
+    jset_str (j, "key", d->key);
+    jset_str (j, "qdev", d->qdev);
+    jset_str (j, "root", d->root);
+    json_object_object_add (j, "size", json_object_new_int64 ((int64_t) d->size));
+    json_object_object_add (j, "fleeced", json_object_new_boolean (d->fleeced));
+    jset_str (j, "image", d->image);
+    jset_str (j, "format", d->format);
+    jset_str (j, "volid", NULL);
+    jset_str (j, "target-file", NULL);
+    json_object_array_add (drives, j);
+  }
+  json_object_object_add (r, "drives", drives);
+  return r;
+}
+
+/* ---- cleanup, shared by failures and fleece_cleanup() -------------------- */
+
+static bool
+job_is_ours (json_object *drives, const char *id)
+{
+  for (size_t i = 0; i < json_object_array_length (drives); i++) {
+    g_autofree char *j = job_id (jstr (json_object_array_get_idx (drives, i), "key"));
+    if (g_strcmp0 (j, id) == 0)
+      return true;
+  }
+  return false;
+}
+
+static bool
+any_event (const char *event, json_object *data, void *opaque)
+{
+  return true;
+}
+
+/* Cancel the record's jobs and wait until they have really ended (job-cancel
+ * returns before the job does), then dismiss them. */
+static bool
+end_jobs (struct fleece_handle *h, json_object *drives, GError **err)
+{
+  gint64 deadline = g_get_monotonic_time () + JOB_END_TIMEOUT_MS * 1000LL;
+  GHashTable *cancelled = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
+  bool ok = false;
+
+  for (;;) {
+    g_autoptr (json_object) jobs = fleece_qmp_execute (h->qmp, "query-jobs", NULL, err);
+    bool pending = false;
+
+    if (!jobs)
+      goto out;
+    for (size_t i = 0; i < json_object_array_length (jobs); i++) {
+      json_object *j = json_object_array_get_idx (jobs, i);
+      const char *id = jstr (j, "id"), *status = jstr (j, "status");
+
+      if (!id || !job_is_ours (drives, id))
+        continue;
+      if (g_strcmp0 (status, "concluded") == 0) {
+        if (!cmd_job (h, "job-dismiss", id, err))
+          goto out;
+        continue;
+      }
+      if (g_strcmp0 (status, "null") == 0)
+        continue;
+      pending = true;
+      if (!g_hash_table_contains (cancelled, id)) {
+        g_autoptr (GError) cerr = NULL;
+        fleece_log (h, FLEECE_LOG_INFO, "cancelling job %s", id);
+        if (!cmd_job (h, "job-cancel", id, &cerr))
+          fleece_log (h, FLEECE_LOG_WARNING, "job-cancel %s: %s", id, cerr->message);
+        g_hash_table_add (cancelled, g_strdup (id));
+      }
+    }
+    if (!pending)
+      break;
+    if (g_get_monotonic_time () > deadline) {
+      g_set_error (err, FLEECE_ERROR, ETIMEDOUT,
+                   "backup jobs of VM %u did not end within %d s of being "
+                   "cancelled; run the cleanup again later", h->vmid,
+                   JOB_END_TIMEOUT_MS / 1000);
+      goto out;
+    }
+    /* Wake on the next event (JOB_STATUS_CHANGE), at most 200 ms later. */
+    {
+      g_autoptr (GError) werr = NULL;
+      json_object *ev = fleece_qmp_wait_event (h->qmp, any_event, NULL, 200, &werr);
+      if (ev)
+        json_object_put (ev);
+      else if (werr && !g_error_matches (werr, FLEECE_QMP_ERROR, FLEECE_QMP_ERROR_TIMEOUT)) {
+        g_propagate_error (err, g_steal_pointer (&werr));
+        goto out;
+      }
+    }
+  }
+  ok = true;
+ out:
+  g_hash_table_unref (cancelled);
+  return ok;
+}
+
+static bool
+del_if_present (struct fleece_handle *h, GHashTable *nodes, const char *node,
+                GError **err)
+{
+  if (!node || !g_hash_table_contains (nodes, node))
+    return true;
+  if (!cmd_del (h, node, err))
+    return false;
+  g_hash_table_remove (nodes, node);
+  return true;
+}
+
+/* Teardown strictly in the order that avoids "in use" and permission
+ * conflicts: snapshot-access, re-point the device, cbw, targets, fleecing
+ * image.  Every step tolerates "already gone". */
+static bool
+undo_graph (struct fleece_handle *h, json_object *record, bool keep_images,
+            GError **err)
+{
+  json_object *drives;
+  g_autoptr (GHashTable) nodes = NULL;
+  g_autoptr (GHashTable) roots = NULL;
+  size_t n;
+
+  if (!json_object_object_get_ex (record, "drives", &drives) ||
+      !json_object_is_type (drives, json_type_array)) {
+    g_set_error (err, FLEECE_ERROR, EINVAL, "the record of VM %u has no drives",
+                 h->vmid);
+    return false;
+  }
+  n = json_object_array_length (drives);
+  if (!end_jobs (h, drives, err))
+    return false;
+  if (!(nodes = query_nodes (h, err)) || !(roots = query_roots (h, err)))
+    return false;
+
+  for (size_t i = 0; i < n; i++) {
+    json_object *d = json_object_array_get_idx (drives, i);
+    g_autofree char *snap = snap_node (jstr (d, "key"));
+
+    if (jstr (record, "bitmap") && g_strcmp0 (jstr (record, "state"), "succeeded") != 0 &&
+        g_hash_table_contains (nodes, snap) && jstr (d, "root"))
+      cmd_bitmap_restore (h, jstr (d, "root"), snap, jstr (record, "bitmap"));
+    /* A crash between adding cbw's coarse bitmap and dropping it. */
+    if (jstr (record, "bitmap") && jbool (d, "fleeced") && jstr (d, "root") &&
+        g_hash_table_contains (nodes, jstr (d, "root")) &&
+        g_strcmp0 (jstr (record, "state"), "starting") == 0)
+      cmd_del_cbw_bitmap (h, jstr (d, "root"), jstr (record, "bitmap"));
+    if (!del_if_present (h, nodes, snap, err))
+      return false;
+  }
+  for (size_t i = 0; i < n; i++) {
+    json_object *d = json_object_array_get_idx (drives, i);
+    g_autofree char *cbw = cbw_node (jstr (d, "key"));
+    const char *qdev = jstr (d, "qdev"), *root = jstr (d, "root");
+    const char *cur = qdev ? g_hash_table_lookup (roots, qdev) : NULL;
+
+    /* Re-point only devices that point at our filter: qom-set to the node
+     * a device already uses aborts QEMU 10.0.2. */
+    if (cur && strcmp (cur, cbw) == 0) {
+      if (!root || !g_hash_table_contains (nodes, root)) {
+        g_set_error (err, FLEECE_ERROR, ENOENT,
+                     "device %s uses %s but its original node '%s' is gone; "
+                     "it cannot be restored", qdev, cbw, root ? root : "");
+        return false;
+      }
+      if (!cmd_set_drive (h, qdev, root, err))
+        return false;
+    }
+  }
+  for (size_t i = 0; i < n; i++) {
+    const char *key = jstr (json_object_array_get_idx (drives, i), "key");
+    g_autofree char *cbw = cbw_node (key);
+    g_autofree char *tgt = target_node (key);
+    g_autofree char *tf = target_file_node (key);
+    g_autofree char *fl = fleecing_node (key);
+    g_autofree char *ff = fleecing_file_node (key);
+
+    if (!del_if_present (h, nodes, cbw, err) ||
+        !del_if_present (h, nodes, tgt, err))
+      return false;
+    if (keep_images)
+      continue;
+    /* Children added inline go with their parent; refresh before deleting. */
+    g_hash_table_unref (nodes);
+    if (!(nodes = query_nodes (h, err)))
+      return false;
+    if (!del_if_present (h, nodes, tf, err) ||
+        !del_if_present (h, nodes, fl, err))
+      return false;
+    g_hash_table_unref (nodes);
+    if (!(nodes = query_nodes (h, err)))
+      return false;
+    if (!del_if_present (h, nodes, ff, err))
+      return false;
+  }
+
+  if (jbool (record, "paused-by-us")) {
+    g_autoptr (json_object) st = fleece_qmp_execute (h->qmp, "query-status", NULL, err);
+    if (!st)
+      return false;
+    if (!jbool (st, "running") && !qmp_do (h, "cont", NULL, err))
+      return false;
+    json_object_object_add (record, "paused-by-us", json_object_new_boolean (false));
+  }
+  return true;
+}
+
+static bool
+free_images (struct fleece_handle *h, json_object *record, GError **err)
+{
+  json_object *drives;
+  g_autoptr (GString) failed = g_string_new (NULL);
+
+  if (!json_object_object_get_ex (record, "drives", &drives))
+    return true;
+  for (size_t i = 0; i < json_object_array_length (drives); i++) {
+    json_object *d = json_object_array_get_idx (drives, i);
+    const char *volid = jstr (d, "volid");
+    g_autoptr (GError) ferr = NULL;
+
+    if (!jbool (d, "fleeced"))
+      continue;
+    /* A crash between allocation and recording the volid: the directory
+     * storage's volid is the planned name; a caller's storage needs it. */
+    if (!volid) {
+      json_object *s;
+      if (json_object_object_get_ex (record, "storage", &s) &&
+          g_strcmp0 (jstr (s, "type"), "dir") == 0)
+        volid = jstr (d, "image");
+    }
+    if (!volid)
+      continue;
+    if (!h->storage) {
+      g_string_append_printf (failed, "%s%s", failed->len ? ", " : "", volid);
+      continue;
+    }
+    if (!fleece_storage_free_image (h->storage, volid, &ferr)) {
+      fleece_log (h, FLEECE_LOG_WARNING, "%s", ferr->message);
+      g_string_append_printf (failed, "%s%s", failed->len ? ", " : "", volid);
+      continue;
+    }
+    jset_str (d, "volid", NULL);
+  }
+  if (failed->len) {
+    g_set_error (err, FLEECE_ERROR, EIO,
+                 "could not free fleecing images of VM %u: %s%s", h->vmid,
+                 failed->str,
+                 h->storage ? "" : " (no storage: set it with fleece_set_storage())");
+    return false;
+  }
+  return true;
+}
+
+static bool
+qemu_cleanup (struct fleece_handle *h, json_object *record, GError **err)
+{
+  if (h->qmp && !undo_graph (h, record, false, err))
+    return false;
+  return free_images (h, record, err);
+}
+
+/* Back to "attached" after a failed start: the images stay. */
+static bool
+undo_start (struct fleece_handle *h, json_object *record, GError **err)
+{
+  return undo_graph (h, record, true, err);
+}
+
+/* ---- attach ---------------------------------------------------------------- */
+
+/* Incremental needs the bitmap on every drive's root node. */
+static bool
+check_bitmaps (struct fleece_handle *h, struct fleece_plan *p, GError **err)
+{
+  json_object *args = json_object_new_object ();
+  g_autoptr (json_object) nodes = NULL;
+
+  json_object_object_add (args, "flat", json_object_new_boolean (true));
+  if (!(nodes = fleece_qmp_execute (h->qmp, "query-named-block-nodes", args, err)))
+    return false;
+  for (guint i = 0; i < p->drives->len; i++) {
+    FleeceDrive *d = p->drives->pdata[i];
+    bool found = false;
+
+    for (size_t j = 0; j < json_object_array_length (nodes) && !found; j++) {
+      json_object *n = json_object_array_get_idx (nodes, j), *bms;
+      if (g_strcmp0 (jstr (n, "node-name"), d->root) != 0 ||
+          !json_object_object_get_ex (n, "dirty-bitmaps", &bms))
+        continue;
+      for (size_t k = 0; k < json_object_array_length (bms) && !found; k++)
+        found = g_strcmp0 (jstr (json_object_array_get_idx (bms, k), "name"),
+                           h->bitmap) == 0;
+    }
+    if (!found) {
+      g_set_error (err, FLEECE_ERROR, ENOENT,
+                   "drive %s has no dirty bitmap '%s' on its node %s: add it "
+                   "with block-dirty-bitmap-add, or back up in full",
+                   d->key, h->bitmap, d->root);
+      return false;
+    }
+  }
+  return true;
+}
+
+static bool
+qemu_check_plan (struct fleece_handle *h, struct fleece_plan *p, GError **err)
+{
+  const FleeceFeatures *f = &h->features;
+  bool any_fleeced = false;
+
+  if (h->bitmap && !check_bitmaps (h, p, err))
+    return false;
+  for (guint i = 0; i < p->drives->len; i++)
+    any_fleeced |= ((FleeceDrive *) p->drives->pdata[i])->fleeced;
+  if (!any_fleeced)
+    return true;
+  if (!f->cbw || !f->snapshot_access || !f->cbw_on_cbw_error || !f->cbw_timeout) {
+    g_set_error (err, FLEECE_ERROR, ENOTSUP,
+                 "QEMU %d.%d.%d lacks %s, which fleecing needs (QEMU >= 7.1; "
+                 "9.2 or later recommended)",
+                 f->qemu_major, f->qemu_minor, f->qemu_micro,
+                 !f->cbw ? "the copy-before-write driver"
+                 : !f->snapshot_access ? "the snapshot-access driver"
+                 : "copy-before-write's on-cbw-error/cbw-timeout");
+    return false;
+  }
+  if (h->bitmap && !f->cbw_bitmap) {
+    g_set_error (err, FLEECE_ERROR, ENOTSUP,
+                 "QEMU %d.%d.%d lacks copy-before-write's bitmap option, which "
+                 "incremental fleecing needs (QEMU >= 7.0)",
+                 f->qemu_major, f->qemu_minor, f->qemu_micro);
+    return false;
+  }
+  if (!f->discard_source)
+    fleece_log (h, FLEECE_LOG_WARNING,
+                "QEMU %d.%d.%d lacks blockdev-backup discard-source (QEMU >= "
+                "9.1): fleecing images keep every copied cluster until the end",
+                f->qemu_major, f->qemu_minor, f->qemu_micro);
+  if (!f->perf_min_cluster_size)
+    fleece_log (h, FLEECE_LOG_WARNING,
+                "QEMU %d.%d.%d lacks backup x-perf.min-cluster-size (QEMU >= "
+                "9.2): discard may not free space in images with large "
+                "clusters", f->qemu_major, f->qemu_minor, f->qemu_micro);
+  return true;
+}
+
+/* Leftover fleecing nodes of these drives from a run we have no record of
+ * (e.g. Proxmox's own): detach them, as qemu-server does before attaching. */
+static bool
+remove_leftovers (struct fleece_handle *h, struct fleece_plan *p, GError **err)
+{
+  g_autoptr (GHashTable) nodes = query_nodes (h, err);
+
+  if (!nodes)
+    return false;
+  for (guint i = 0; i < p->drives->len; i++) {
+    FleeceDrive *d = p->drives->pdata[i];
+    g_autofree char *snap = snap_node (d->key);
+    g_autofree char *fl = fleecing_node (d->key);
+    g_autofree char *ff = fleecing_file_node (d->key);
+
+    if (g_hash_table_contains (nodes, snap) || g_hash_table_contains (nodes, fl) ||
+        g_hash_table_contains (nodes, ff))
+      fleece_log (h, FLEECE_LOG_WARNING, "removing leftover fleecing nodes of %s",
+                  d->key);
+    if (!del_if_present (h, nodes, snap, err) || !del_if_present (h, nodes, fl, err))
+      return false;
+    g_hash_table_unref (nodes);
+    if (!(nodes = query_nodes (h, err)) || !del_if_present (h, nodes, ff, err))
+      return false;
+  }
+  return true;
+}
+
+static bool
+verify_sizes (struct fleece_handle *h, struct fleece_plan *p, GError **err)
+{
+  g_autoptr (GHashTable) nodes = query_nodes (h, err);
+
+  if (!nodes)
+    return false;
+  for (guint i = 0; i < p->drives->len; i++) {
+    FleeceDrive *d = p->drives->pdata[i];
+    g_autofree char *node = fleecing_node (d->key);
+    guint64 *size;
+
+    if (!d->fleeced)
+      continue;
+    size = g_hash_table_lookup (nodes, node);
+    if (!size) {
+      g_set_error (err, FLEECE_ERROR, ENOENT, "%s is missing after attaching", node);
+      return false;
+    }
+    if (*size != d->size) {
+      g_set_error (err, FLEECE_ERROR, EINVAL,
+                   "size mismatch for %s: %" G_GUINT64_FORMAT " != %"
+                   G_GUINT64_FORMAT " bytes (the source)", node, *size, d->size);
+      return false;
+    }
+  }
+  return true;
+}
+
+static bool
+attach_images (struct fleece_handle *h, struct fleece_plan *p, GError **err)
+{
+  for (guint i = 0; i < p->drives->len; i++) {
+    FleeceDrive *d = p->drives->pdata[i];
+    g_autofree char *path = NULL;
+
+    if (!d->fleeced)
+      continue;
+    if (!fleece_storage_alloc_image (h->storage, d->image, d->format, d->size,
+                                     &d->volid, err))
+      return false;
+    jset_str (record_drive (h, d->key), "volid", d->volid);
+    if (!record_save (h, err))
+      return false;
+    if (!(path = fleece_storage_image_path (h->storage, d->volid, err)) ||
+        !cmd_add_fleecing (h, d, path, err))
+      return false;
+    fleece_log (h, FLEECE_LOG_INFO, "attached %s (%s, %" G_GUINT64_FORMAT
+                " bytes) for %s", d->image, d->format, d->size, d->key);
+  }
+  return verify_sizes (h, p, err);
+}
+
+/* Undo after a failed step: the cause in err is kept, failures of the undo
+ * are logged. */
+static void
+rollback (struct fleece_handle *h)
+{
+  g_autoptr (GError) uerr = NULL;
+  FleeceRecordStore rs = fleece_handle_record_store (h);
+
+  if (!qemu_cleanup (h, h->record, &uerr)) {
+    fleece_log (h, FLEECE_LOG_ERROR,
+                "undoing the failed step failed too: %s; fleece_cleanup() "
+                "will retry from the record", uerr->message);
+    record_save (h, NULL);
+    return;
+  }
+  if (!fleece_record_remove (&rs, h->vmid, &uerr))
+    fleece_log (h, FLEECE_LOG_WARNING, "%s", uerr->message);
+}
+
+static bool
+qemu_attach (struct fleece_handle *h, struct fleece_plan *p, GError **err)
+{
+  if (!remove_leftovers (h, p, err))
+    return false;
+  if (h->record)
+    json_object_put (h->record);
+  h->record = record_new (h, p);
+  if (!record_save (h, err))
+    return false;
+  if (!attach_images (h, p, err)) {
+    rollback (h);
+    return false;
+  }
+  record_set_state (h, "attached");
+  if (!record_save (h, err)) {
+    rollback (h);
+    return false;
+  }
+  return true;
+}
+
+/* ---- start ------------------------------------------------------------------ */
+
+static bool
+create_targets (struct fleece_handle *h, struct fleece_plan *p,
+                struct fleece_target *t, GError **err)
+{
+  if (t->kind != FLEECE_TARGET_DIR)
+    return true;
+  for (guint i = 0; i < p->drives->len; i++) {
+    FleeceDrive *d = p->drives->pdata[i];
+    g_autofree char *path = fleece_target_dir_path (t, d->key);
+
+    if (!fleece_image_create (path, t->format, d->size, err))
+      return false;
+    jset_str (record_drive (h, d->key), "target-file", path);
+  }
+  return true;
+}
+
+/* Target files are the backup once the jobs run; before that they are ours
+ * to remove. */
+static void
+remove_new_targets (struct fleece_handle *h)
+{
+  json_object *drives;
+
+  if (!json_object_object_get_ex (h->record, "drives", &drives))
+    return;
+  for (size_t i = 0; i < json_object_array_length (drives); i++) {
+    json_object *d = json_object_array_get_idx (drives, i);
+    if (jstr (d, "target-file")) {
+      unlink (jstr (d, "target-file"));
+      jset_str (d, "target-file", NULL);
+    }
+  }
+}
+
+static bool
+insert_filters (struct fleece_handle *h, struct fleece_plan *p, GError **err)
+{
+  for (guint i = 0; i < p->drives->len; i++) {
+    FleeceDrive *d = p->drives->pdata[i];
+    g_autofree char *cbw = cbw_node (d->key);
+
+    if (!d->fleeced)
+      continue;
+    if (h->bitmap && !cmd_add_cbw_bitmap (h, d, err))
+      return false;
+    if (!cmd_add_cbw (h, d, err)) {
+      if (h->bitmap)
+        cmd_del_cbw_bitmap (h, d->root, h->bitmap);
+      return false;
+    }
+    if (h->bitmap)
+      cmd_del_cbw_bitmap (h, d->root, h->bitmap);
+    if (!cmd_set_drive (h, d->qdev, cbw, err) ||
+        !cmd_add_snapshot_access (h, d, err))
+      return false;
+  }
+  return true;
+}
+
+/* The device's root may have changed since planning (a block job, a
+ * throttle change); back up and restore the node it uses now. */
+static bool
+refresh_roots (struct fleece_handle *h, struct fleece_plan *p, GError **err)
+{
+  g_autoptr (GHashTable) roots = query_roots (h, err);
+
+  if (!roots)
+    return false;
+  for (guint i = 0; i < p->drives->len; i++) {
+    FleeceDrive *d = p->drives->pdata[i];
+    const char *cur = g_hash_table_lookup (roots, d->qdev);
+
+    if (!cur) {
+      g_set_error (err, FLEECE_ERROR, ENODEV,
+                   "drive %s (%s) is gone since the plan was made", d->key, d->qdev);
+      return false;
+    }
+    if (strcmp (cur, d->root) != 0) {
+      g_free (d->root);
+      d->root = g_strdup (cur);
+      jset_str (record_drive (h, d->key), "root", cur);
+    }
+  }
+  return true;
+}
+
+static bool
+qemu_start (struct fleece_handle *h, struct fleece_plan *p,
+            struct fleece_target *t, GError **err)
+{
+  g_autoptr (json_object) status = NULL;
+  bool ok;
+
+  if (t->kind == FLEECE_TARGET_PVE) {
+    g_set_error (err, FLEECE_ERROR, EINVAL,
+                 "a Proxmox backup target needs the Proxmox engine; use a "
+                 "directory or NBD target with stock QEMU");
+    return false;
+  }
+  if (!refresh_roots (h, p, err))
+    return false;
+  if (!create_targets (h, p, t, err)) {
+    remove_new_targets (h);
+    return false;
+  }
+  json_object_object_add (h->record, "target", fleece_target_describe (t));
+  record_set_state (h, "starting");
+
+  /* Filters go in one drive at a time: with the vCPUs stopped meanwhile,
+   * no guest write lands between the first and the last, so every drive
+   * shares one point in time with the jobs' transaction. */
+  if (!(status = fleece_qmp_execute (h->qmp, "query-status", NULL, err)))
+    goto fail_early;
+  if (jbool (status, "running"))
+    json_object_object_add (h->record, "paused-by-us", json_object_new_boolean (true));
+  if (!record_save (h, err))
+    goto fail_early;
+  if (jbool (status, "running") && !qmp_do (h, "stop", NULL, err))
+    goto fail;
+
+  ok = true;
+  for (guint i = 0; ok && i < p->drives->len; i++)
+    ok = cmd_add_target (h, t, p->drives->pdata[i], err);
+  ok = ok && insert_filters (h, p, err) && cmd_start_jobs (h, p, err);
+  if (!ok)
+    goto fail;
+  if (jbool (h->record, "paused-by-us")) {
+    if (!qmp_do (h, "cont", NULL, err))
+      goto fail;
+    json_object_object_add (h->record, "paused-by-us", json_object_new_boolean (false));
+  }
+  record_set_state (h, "running");
+  if (!record_save (h, err))
+    fleece_log (h, FLEECE_LOG_WARNING, "cannot update the record: %s", (*err)->message),
+      g_clear_error (err);
+  for (guint i = 0; i < p->drives->len; i++) {
+    FleeceDrive *d = p->drives->pdata[i];
+    d->started_us = g_get_real_time ();
+    d->total = d->size;
+  }
+  fleece_log (h, FLEECE_LOG_INFO, "backup of VM %u started (%u drives)",
+              h->vmid, p->drives->len);
+  return true;
+
+ fail:
+  {
+    /* Back to "attached": remove what start added, keep the images. */
+    g_autoptr (GError) uerr = NULL;
+    g_autoptr (json_object) partial = json_object_get (h->record);
+    if (h->qmp && !undo_start (h, partial, &uerr))
+      fleece_log (h, FLEECE_LOG_ERROR, "undoing the failed start failed too: %s",
+                  uerr->message);
+  }
+ fail_early:
+  remove_new_targets (h);
+  record_set_state (h, "attached");
+  record_save (h, NULL);
+  return false;
+}
+
+/* ---- progress and the end -------------------------------------------------- */
+
+static FleeceDrive *
+drive_by_job (struct fleece_plan *p, const char *id)
+{
+  for (guint i = 0; i < p->drives->len; i++) {
+    FleeceDrive *d = p->drives->pdata[i];
+    g_autofree char *j = job_id (d->key);
+    if (g_strcmp0 (j, id) == 0)
+      return d;
+  }
+  return NULL;
+}
+
+/* With on-cbw-error=break-snapshot a failed or timed-out copy to the
+ * fleecing image lets the guest write pass and fails every later snapshot
+ * read with EACCES: say what really happened. */
+static char *
+explain_failure (struct fleece_handle *h, FleeceDrive *d, const char *qerr)
+{
+  if (d->fleeced && strstr (qerr, "Permission denied")) {
+    g_autofree char *path = NULL;
+    g_autofree char *space = NULL;
+    struct statvfs sv;
+
+    if (h->storage && d->volid)
+      path = fleece_storage_image_path (h->storage, d->volid, NULL);
+    if (path) {
+      g_autofree char *dir = g_path_get_dirname (path);
+      if (statvfs (dir, &sv) == 0)
+        space = g_strdup_printf (" (%" G_GUINT64_FORMAT " bytes free there now)",
+                                 (guint64) sv.f_bavail * sv.f_frsize);
+    }
+    return g_strdup_printf (
+      "backup of %s failed: copying old data to the fleecing image %s failed "
+      "or took longer than the cbw-timeout of %u s, so the snapshot broke; "
+      "the fleecing storage is full or too slow%s. The guest's writes were "
+      "not affected. (QEMU: %s)",
+      d->key, d->image, h->cbw_timeout, space ? space : "", qerr);
+  }
+  return g_strdup_printf ("backup of %s failed: %s", d->key, qerr);
+}
+
+static int
+qemu_poll (struct fleece_handle *h, int timeout_ms, GError **err)
+{
+  struct fleece_plan *p = h->run_plan;
+  gint64 deadline = timeout_ms < 0 ? -1
+                    : g_get_monotonic_time () + (gint64) timeout_ms * 1000;
+
+  for (;;) {
+    g_autoptr (json_object) jobs = fleece_qmp_execute (h->qmp, "query-jobs", NULL, err);
+    guint concluded = 0;
+    gint64 now, wait_ms;
+
+    if (!jobs) {
+      g_prefix_error (err, "lost track of the backup of VM %u: ", h->vmid);
+      return -1;
+    }
+    for (size_t i = 0; i < json_object_array_length (jobs); i++) {
+      json_object *j = json_object_array_get_idx (jobs, i), *v;
+      FleeceDrive *d = drive_by_job (p, jstr (j, "id"));
+      uint64_t done = 0;
+
+      if (!d || d->result)
+        continue;
+      if (json_object_object_get_ex (j, "current-progress", &v))
+        done = (uint64_t) json_object_get_int64 (v);
+      if (json_object_object_get_ex (j, "total-progress", &v) && json_object_get_int64 (v) > 0)
+        d->total = (uint64_t) json_object_get_int64 (v);
+      if (done != d->done && h->progress_fn)
+        h->progress_fn (h->progress_opaque, d->key, done, d->total);
+      d->done = done;
+      if (g_strcmp0 (jstr (j, "status"), "concluded") == 0) {
+        const char *e = jstr (j, "error");
+        d->ended_us = g_get_real_time ();
+        if (!e)
+          d->result = g_strdup ("ok");
+        else if (h->cancelled)
+          d->result = g_strdup ("cancelled");
+        else
+          d->result = explain_failure (h, d, e);
+      }
+    }
+    for (guint i = 0; i < p->drives->len; i++)
+      concluded += ((FleeceDrive *) p->drives->pdata[i])->result != NULL;
+
+    if (concluded == p->drives->len) {
+      const char *failure = NULL;
+
+      for (guint i = 0; i < p->drives->len; i++) {
+        FleeceDrive *d = p->drives->pdata[i];
+        g_autofree char *id = job_id (d->key);
+        g_autoptr (GError) derr = NULL;
+
+        if (!cmd_job (h, "job-dismiss", id, &derr))
+          fleece_log (h, FLEECE_LOG_WARNING, "%s", derr->message);
+        /* Grouped jobs cancelled because another failed say "canceled":
+         * report the one that failed. */
+        if (strcmp (d->result, "ok") != 0 && strcmp (d->result, "cancelled") != 0 &&
+            (!failure || strstr (failure, "Operation canceled")))
+          failure = d->result;
+      }
+      if (h->cancelled) {
+        g_set_error (err, FLEECE_ERROR, ECANCELED, "the backup of VM %u was cancelled",
+                     h->vmid);
+        return -1;
+      }
+      if (failure) {
+        g_set_error (err, FLEECE_ERROR, EIO, "%s", failure);
+        return -1;
+      }
+      record_set_state (h, "succeeded");
+      if (!record_save (h, err))
+        return -1;
+      fleece_log (h, FLEECE_LOG_INFO, "backup of VM %u finished", h->vmid);
+      return 1;
+    }
+
+    now = g_get_monotonic_time ();
+    if (deadline >= 0 && now >= deadline)
+      return 0;
+    wait_ms = 500;
+    if (deadline >= 0)
+      wait_ms = MIN (wait_ms, (deadline - now) / 1000 + 1);
+    {
+      g_autoptr (GError) werr = NULL;
+      json_object *ev = fleece_qmp_wait_event (h->qmp, any_event, NULL, (int) wait_ms, &werr);
+      if (ev)
+        json_object_put (ev);
+      else if (werr && !g_error_matches (werr, FLEECE_QMP_ERROR, FLEECE_QMP_ERROR_TIMEOUT)) {
+        g_propagate_prefixed_error (err, g_steal_pointer (&werr),
+                                    "lost track of the backup of VM %u: ", h->vmid);
+        return -1;
+      }
+    }
+  }
+}
+
+static bool
+qemu_cancel (struct fleece_handle *h, GError **err)
+{
+  struct fleece_plan *p = h->run_plan;
+
+  for (guint i = 0; i < p->drives->len; i++) {
+    FleeceDrive *d = p->drives->pdata[i];
+    g_autofree char *id = job_id (d->key);
+    g_autoptr (GError) cerr = NULL;
+
+    if (d->result)
+      continue;
+    /* A job that concluded meanwhile refuses; poll reports its end. */
+    if (!cmd_job (h, "job-cancel", id, &cerr))
+      fleece_log (h, FLEECE_LOG_DEBUG, "job-cancel %s: %s", id, cerr->message);
+  }
+  return true;
+}
+
+const FleeceEngineOps fleece_engine_qemu_ops = {
+  .name = "qemu",
+  .check_plan = qemu_check_plan,
+  .attach = qemu_attach,
+  .start = qemu_start,
+  .poll = qemu_poll,
+  .cancel = qemu_cancel,
+  .cleanup = qemu_cleanup,
+};
