@@ -24,6 +24,14 @@ typedef struct {
 } FleeceEngineOps;
 
 extern const FleeceEngineOps fleece_engine_qemu_ops;
+extern const FleeceEngineOps fleece_engine_pve_ops;
+
+/* engine-pve.c, for its tests: the HMP command line that attaches a
+ * fleecing image as a BlockBackend (qemu-server before the blockdev
+ * switch), quoted for HMP and QemuOpts; size 0 leaves size= out. */
+char *fleece_pve_drive_add_command (const char *path, const char *id,
+                                    const char *format, uint64_t size,
+                                    GError **err);
 
 /* The engine h uses (h->engine chosen at connect). */
 const FleeceEngineOps *fleece_engine_ops (struct fleece_handle *h);

@@ -225,6 +225,9 @@ read_drives (struct fleece_handle *h, struct fleece_plan *p, GError **err)
     if (json_object_object_get_ex (b, "removable", &v) &&
         json_object_get_boolean (v))
       continue;                 /* CD-ROM: Proxmox does not back them up */
+    if (json_object_object_get_ex (inserted, "ro", &v) &&
+        json_object_get_boolean (v))
+      continue;                 /* firmware code (OVMF pflash0), read-only media */
     if (json_object_object_get_ex (inserted, "node-name", &v))
       node = json_object_get_string (v);
     if (!json_object_object_get_ex (inserted, "image", &image) ||
