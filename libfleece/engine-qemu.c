@@ -542,8 +542,9 @@ end_jobs (struct fleece_handle *h, json_object *drives, GError **err)
       if (!g_hash_table_contains (cancelled, id)) {
         g_autoptr (GError) cerr = NULL;
         fleece_log (h, FLEECE_LOG_INFO, "cancelling job %s", id);
+        /* It may conclude meanwhile and refuse: the next round dismisses it. */
         if (!cmd_job (h, "job-cancel", id, &cerr))
-          fleece_log (h, FLEECE_LOG_WARNING, "job-cancel %s: %s", id, cerr->message);
+          fleece_log (h, FLEECE_LOG_DEBUG, "job-cancel %s: %s", id, cerr->message);
         g_hash_table_add (cancelled, g_strdup (id));
       }
     }
@@ -728,12 +729,34 @@ free_images (struct fleece_handle *h, json_object *record, GError **err)
   return true;
 }
 
+/* Target files we created for a run that did not succeed are not a backup:
+ * remove them, or the next run into the same directory finds them. */
+static void
+remove_unfinished_targets (struct fleece_handle *h, json_object *record)
+{
+  json_object *drives;
+
+  if (g_strcmp0 (jstr (record, "state"), "succeeded") == 0 ||
+      !json_object_object_get_ex (record, "drives", &drives))
+    return;
+  for (size_t i = 0; i < json_object_array_length (drives); i++) {
+    json_object *d = json_object_array_get_idx (drives, i);
+    const char *path = jstr (d, "target-file");
+
+    if (path && unlink (path) == 0)
+      fleece_log (h, FLEECE_LOG_INFO, "removed the unfinished backup %s", path);
+  }
+}
+
 static bool
 qemu_cleanup (struct fleece_handle *h, json_object *record, GError **err)
 {
   if (h->qmp && !undo_graph (h, record, false, err))
     return false;
-  return free_images (h, record, err);
+  if (!free_images (h, record, err))
+    return false;
+  remove_unfinished_targets (h, record);
+  return true;
 }
 
 /* Back to "attached" after a failed start: the images stay. */
@@ -744,6 +767,72 @@ undo_start (struct fleece_handle *h, json_object *record, GError **err)
 }
 
 /* ---- attach ---------------------------------------------------------------- */
+
+/* The QOM property of path, or NULL (g_free) if it has none or it is empty. */
+static char *
+qom_get_str (struct fleece_handle *h, const char *path, const char *prop)
+{
+  json_object *a = json_object_new_object ();
+  g_autoptr (json_object) r = NULL;
+  const char *v;
+
+  jset_str (a, "path", path);
+  jset_str (a, "property", prop);
+  r = fleece_qmp_execute (h->qmp, "qom-get", a, NULL);
+  if (!r || !json_object_is_type (r, json_type_string))
+    return NULL;
+  v = json_object_get_string (r);
+  return v && *v ? g_strdup (v) : NULL;
+}
+
+/* Does the device (virtio-blk) or its controller (virtio-scsi, through the
+ * bus it sits on) run its I/O in an iothread? */
+static bool
+uses_iothread (struct fleece_handle *h, const char *qdev)
+{
+  g_autofree char *io = qom_get_str (h, qdev, "iothread");
+  g_autofree char *bus = NULL;
+  g_autofree char *ctrl = NULL;
+  g_autofree char *ctrl_io = NULL;
+
+  if (io)
+    return true;
+  if (!(bus = qom_get_str (h, qdev, "parent_bus")))
+    return false;
+  ctrl = g_path_get_dirname (bus);
+  ctrl_io = qom_get_str (h, ctrl, "iothread");
+  return ctrl_io != NULL;
+}
+
+/* QEMU 10.0.0 to 10.0.2 can crash on qom-set drive of a device whose
+ * BlockBackend is in an iothread (missing return in set_drive_helper,
+ * fixed in 10.0.3): refuse rather than kill the VM. */
+static bool
+check_iothread_bug (struct fleece_handle *h, struct fleece_plan *p, GError **err)
+{
+  const FleeceFeatures *f = &h->features;
+  g_autoptr (json_object) threads = NULL;
+
+  if (!(f->qemu_major == 10 && f->qemu_minor == 0 && f->qemu_micro <= 2))
+    return true;
+  if (!(threads = fleece_qmp_execute (h->qmp, "query-iothreads", NULL, err)))
+    return false;
+  if (json_object_array_length (threads) == 0)
+    return true;
+  for (guint i = 0; i < p->drives->len; i++) {
+    FleeceDrive *d = p->drives->pdata[i];
+    if (d->fleeced && uses_iothread (h, d->qdev)) {
+      g_set_error (err, FLEECE_ERROR, ENOTSUP,
+                   "drive %s runs in an iothread, and QEMU %d.%d.%d can crash "
+                   "the VM when a fleecing filter is put in front of such a "
+                   "device (fixed in QEMU 10.0.3): upgrade QEMU, or back up "
+                   "this drive without fleecing", d->key, f->qemu_major,
+                   f->qemu_minor, f->qemu_micro);
+      return false;
+    }
+  }
+  return true;
+}
 
 /* Incremental needs the bitmap on every drive's root node. */
 static bool
@@ -801,6 +890,8 @@ qemu_check_plan (struct fleece_handle *h, struct fleece_plan *p, GError **err)
                  : "copy-before-write's on-cbw-error/cbw-timeout");
     return false;
   }
+  if (!check_iothread_bug (h, p, err))
+    return false;
   if (h->bitmap && !f->cbw_bitmap) {
     g_set_error (err, FLEECE_ERROR, ENOTSUP,
                  "QEMU %d.%d.%d lacks copy-before-write's bitmap option, which "
@@ -1168,17 +1259,21 @@ qemu_poll (struct fleece_handle *h, int timeout_ms, GError **err)
     for (size_t i = 0; i < json_object_array_length (jobs); i++) {
       json_object *j = json_object_array_get_idx (jobs, i), *v;
       FleeceDrive *d = drive_by_job (p, jstr (j, "id"));
-      uint64_t done = 0;
+      uint64_t done = 0, total;
 
       if (!d || d->result)
         continue;
-      if (json_object_object_get_ex (j, "current-progress", &v))
-        done = (uint64_t) json_object_get_int64 (v);
+      /* QEMU counts whole job clusters, past the end of a disk whose size
+       * is not a multiple of them: report bytes of the disk. */
+      total = d->size;
+
       if (json_object_object_get_ex (j, "total-progress", &v) && json_object_get_int64 (v) > 0)
-        d->total = (uint64_t) json_object_get_int64 (v);
-      if (done != d->done && h->progress_fn)
-        h->progress_fn (h->progress_opaque, d->key, done, d->total);
-      d->done = done;
+        total = MIN ((uint64_t) json_object_get_int64 (v), d->size);  /* incremental: less */
+      if (json_object_object_get_ex (j, "current-progress", &v))
+        done = MIN ((uint64_t) json_object_get_int64 (v), total);
+      if (g_strcmp0 (jstr (j, "status"), "concluded") == 0 && !jstr (j, "error"))
+        done = total;
+      fleece_drive_set_progress (h, d, done, total);
       if (g_strcmp0 (jstr (j, "status"), "concluded") == 0) {
         const char *e = jstr (j, "error");
         d->ended_us = g_get_real_time ();

@@ -164,20 +164,26 @@ cleanup_record (struct fleece_handle *h, json_object *record, GError **err)
                  h->vmid, engine ? engine : "");
     return false;
   }
+  /* A connection broken by QEMU's death (or an earlier error) is useless:
+   * reconnect, which also tells whether QEMU is gone. */
+  if (h->qmp && !fleece_qmp_is_connected (h->qmp))
+    g_clear_pointer (&h->qmp, fleece_qmp_free);
   if (!h->qmp && json_object_object_get_ex (record, "qmp", &v) &&
       json_object_get_string (v)) {
     g_autoptr (GError) cerr = NULL;
-    FleeceQmp *q = fleece_qmp_new ();
 
-    fleece_qmp_set_timeout (q, h->qmp_timeout_ms);
-    if (fleece_qmp_connect_unix (q, json_object_get_string (v), &cerr)) {
-      h->qmp = q;
-      g_free (h->qmp_path);
-      h->qmp_path = g_strdup (json_object_get_string (v));
-    } else {
-      fleece_qmp_free (q);
+    if (!fleece_handle_open (h, json_object_get_string (v), &cerr)) {
+      /* Only a QEMU that is gone has nothing left to undo: one that does
+       * not answer still holds our nodes and writes to our images. */
+      if (!g_error_matches (cerr, FLEECE_QMP_ERROR, FLEECE_QMP_ERROR_NO_PEER)) {
+        g_propagate_prefixed_error (err, g_steal_pointer (&cerr),
+                                    "cannot clean up VM %u: its QEMU is there "
+                                    "but cannot be used (is another client "
+                                    "on its QMP socket?): ", h->vmid);
+        return false;
+      }
       fleece_log (h, FLEECE_LOG_WARNING,
-                  "cannot reach QEMU of VM %u (%s): nothing to undo there, "
+                  "QEMU of VM %u is gone (%s): nothing to undo there, "
                   "freeing the images only", h->vmid, cerr->message);
     }
   }
@@ -354,27 +360,22 @@ fleece_get_progress (struct fleece_handle *h, uint64_t *done, uint64_t *total)
   return 0;
 }
 
+static FleeceDrive *run_drive (struct fleece_handle *h, const char *key,
+                               const char *func);
+
 FLEECE_API int
 fleece_get_drive_progress (struct fleece_handle *h, const char *key,
                            uint64_t *done, uint64_t *total)
 {
-  if (!h->run_plan) {
-    fleece_error_set (__func__, EINVAL, "no backup is set up");
+  FleeceDrive *dr = run_drive (h, key, __func__);
+
+  if (!dr)
     return -1;
-  }
-  for (guint i = 0; i < h->run_plan->drives->len; i++) {
-    FleeceDrive *dr = h->run_plan->drives->pdata[i];
-    if (g_strcmp0 (dr->key, key) == 0) {
-      if (done)
-        *done = dr->done;
-      if (total)
-        *total = dr->total ? dr->total : dr->size;
-      return 0;
-    }
-  }
-  fleece_error_set (__func__, ENOENT, "drive '%s' is not in the backup",
-                    key ? key : "(null)");
-  return -1;
+  if (done)
+    *done = dr->done;
+  if (total)
+    *total = dr->total ? dr->total : dr->size;
+  return 0;
 }
 
 FLEECE_API char *
@@ -431,4 +432,58 @@ fleece_cleanup (struct fleece_handle *h)
   }
   release_run (h);
   return 0;
+}
+
+void
+fleece_drive_set_progress (struct fleece_handle *h, FleeceDrive *d,
+                           uint64_t done, uint64_t total)
+{
+  if (total)
+    d->total = total;
+  if (done > d->total)
+    done = d->total;
+  if (done != d->done && h->progress_fn)
+    h->progress_fn (h->progress_opaque, d->key, done, d->total);
+  d->done = done;
+}
+
+static FleeceDrive *
+run_drive (struct fleece_handle *h, const char *key, const char *func)
+{
+  if (!h->run_plan) {
+    fleece_error_set (func, EINVAL, "no backup is set up");
+    return NULL;
+  }
+  for (guint i = 0; i < h->run_plan->drives->len; i++) {
+    FleeceDrive *d = h->run_plan->drives->pdata[i];
+    if (g_strcmp0 (d->key, key) == 0)
+      return d;
+  }
+  fleece_error_set (func, ENOENT, "drive '%s' is not in the backup",
+                    key ? key : "(null)");
+  return NULL;
+}
+
+FLEECE_API const char *
+fleece_get_drive_result (struct fleece_handle *h, const char *key)
+{
+  FleeceDrive *d = run_drive (h, key, __func__);
+
+  if (d && !d->result)
+    fleece_error_set (__func__, EAGAIN, "the backup of %s has not ended", key);
+  return d ? d->result : NULL;
+}
+
+FLEECE_API int64_t
+fleece_get_drive_elapsed_ms (struct fleece_handle *h, const char *key)
+{
+  FleeceDrive *d = run_drive (h, key, __func__);
+  gint64 end;
+
+  if (!d)
+    return -1;
+  if (!d->started_us)
+    return 0;
+  end = d->ended_us ? d->ended_us : g_get_real_time ();
+  return (end - d->started_us) / 1000;
 }

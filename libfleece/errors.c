@@ -74,6 +74,7 @@ fleece_error_errno (const GError *err)
     case FLEECE_QMP_ERROR_PROTOCOL:  return EPROTO;
     case FLEECE_QMP_ERROR_TOO_LARGE: return EMSGSIZE;
     case FLEECE_QMP_ERROR_COMMAND:   return EIO;
+    case FLEECE_QMP_ERROR_NO_PEER:   return ECONNREFUSED;
     }
   }
   return EIO;

@@ -36,6 +36,7 @@ fleece_free (struct fleece_handle *h)
                 "handle freed with a run still set up; "
                 "fleece_cleanup() for VM %u will undo it from the record",
                 h->vmid);
+  fleece_plan_free (h->run_plan);
   fleece_qmp_free (h->qmp);
   g_free (h->qmp_path);
   g_free (h->state_dir);
@@ -102,10 +103,27 @@ finish_connect (struct fleece_handle *h, const char *func, FleeceQmp *q)
   return 0;
 }
 
+bool
+fleece_handle_open (struct fleece_handle *h, const char *qmp_path, GError **err)
+{
+  g_autoptr (FleeceQmp) q = fleece_qmp_new ();
+
+  fleece_qmp_set_timeout (q, h->qmp_timeout_ms);
+  if (!fleece_qmp_connect_unix (q, qmp_path, err))
+    return false;
+  h->qmp = g_steal_pointer (&q);
+  if (!fleece_engine_probe (h, err)) {
+    g_clear_pointer (&h->qmp, fleece_qmp_free);
+    return false;
+  }
+  g_free (h->qmp_path);
+  h->qmp_path = g_strdup (qmp_path);
+  return true;
+}
+
 FLEECE_API int
 fleece_connect (struct fleece_handle *h, const char *qmp_path)
 {
-  g_autoptr (FleeceQmp) q = NULL;
   g_autoptr (GError) err = NULL;
 
   if (!qmp_path || !*qmp_path) {
@@ -114,15 +132,11 @@ fleece_connect (struct fleece_handle *h, const char *qmp_path)
   }
   if (!connected_check (h, __func__))
     return -1;
-  q = fleece_qmp_new ();
-  fleece_qmp_set_timeout (q, h->qmp_timeout_ms);
-  if (!fleece_qmp_connect_unix (q, qmp_path, &err)) {
+  if (!fleece_handle_open (h, qmp_path, &err)) {
     fleece_error_set_gerror (__func__, err);
     return -1;
   }
-  g_free (h->qmp_path);
-  h->qmp_path = g_strdup (qmp_path);
-  return finish_connect (h, __func__, g_steal_pointer (&q));
+  return 0;
 }
 
 FLEECE_API int
@@ -146,6 +160,18 @@ fleece_connect_fd (struct fleece_handle *h, int fd)
     return -1;
   }
   return finish_connect (h, __func__, g_steal_pointer (&q));
+}
+
+/* Settings used only when the jobs start may change until then. */
+static bool
+settable_until_start (struct fleece_handle *h, const char *func)
+{
+  if (h->state == FLEECE_STATE_RUNNING) {
+    fleece_error_set (func, EBUSY,
+                      "cannot change settings of a running backup");
+    return false;
+  }
+  return true;
 }
 
 /* Settings that shape a run cannot change while one is set up. */
@@ -214,6 +240,7 @@ FLEECE_API int
 fleece_set_engine (struct fleece_handle *h, int engine)
 {
   g_autoptr (GError) err = NULL;
+  int old;
 
   if (!settable (h, __func__))
     return -1;
@@ -224,8 +251,10 @@ fleece_set_engine (struct fleece_handle *h, int engine)
                       "FLEECE_ENGINE_QEMU or FLEECE_ENGINE_PVE", engine);
     return -1;
   }
+  old = h->engine_request;
   h->engine_request = engine;
   if (h->qmp && !fleece_engine_choose (h, &err)) {
+    h->engine_request = old;
     fleece_error_set_gerror (__func__, err);
     return -1;
   }
@@ -298,7 +327,8 @@ fleece_set_drives (struct fleece_handle *h, const char *const *keys)
 FLEECE_API int
 fleece_set_plan_flags (struct fleece_handle *h, unsigned flags)
 {
-  const unsigned known = FLEECE_PLAN_ALL_DRIVES | FLEECE_PLAN_NO_FLEECING;
+  const unsigned known = FLEECE_PLAN_ALL_DRIVES | FLEECE_PLAN_NO_FLEECING |
+                         FLEECE_PLAN_FLEECING_OPTIONAL;
 
   if (!settable (h, __func__))
     return -1;
@@ -330,7 +360,7 @@ fleece_set_image_format (struct fleece_handle *h, const char *format)
 FLEECE_API int
 fleece_set_bwlimit (struct fleece_handle *h, uint64_t kib_per_s)
 {
-  if (!settable (h, __func__))
+  if (!settable_until_start (h, __func__))
     return -1;
   if (kib_per_s > INT64_MAX / 1024) {
     fleece_error_set (__func__, ERANGE, "speed limit %" G_GUINT64_FORMAT
@@ -359,7 +389,7 @@ fleece_set_bitmap (struct fleece_handle *h, const char *name)
 FLEECE_API int
 fleece_set_cbw_timeout (struct fleece_handle *h, unsigned seconds)
 {
-  if (!settable (h, __func__))
+  if (!settable_until_start (h, __func__))
     return -1;
   h->cbw_timeout = seconds;
   return 0;

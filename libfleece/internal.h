@@ -171,8 +171,18 @@ struct fleece_plan *fleece_plan_ref (struct fleece_plan *p);
 void fleece_drive_free (FleeceDrive *d);
 bool fleece_key_is_small_state (const char *key);
 
+/* engine.c: record progress of d, capped at its total, and tell the
+ * caller's progress callback when it moved. */
+void fleece_drive_set_progress (struct fleece_handle *h, FleeceDrive *d,
+                                uint64_t done, uint64_t total);
+
 /* Is key a plausible drive key (scsi0, virtio1, efidisk0)? */
 bool fleece_valid_drive_key (const char *key);
+
+/* Connect h to qmp_path and probe QEMU (fleece_connect without the
+ * public error conversion). */
+bool fleece_handle_open (struct fleece_handle *h, const char *qmp_path,
+                         GError **err);
 
 /* The record store the handle is configured with. */
 FleeceRecordStore fleece_handle_record_store (struct fleece_handle *h);

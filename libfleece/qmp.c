@@ -481,7 +481,11 @@ fleece_qmp_connect_unix (FleeceQmp *q, const char *path, GError **err)
     if (e == EINTR)
       continue;
     close (fd);
-    g_set_error (err, FLEECE_QMP_ERROR, FLEECE_QMP_ERROR_IO,
+    /* Distinguished so that cleanup can tell "QEMU is gone" from "QEMU
+     * is there but does not answer". */
+    g_set_error (err, FLEECE_QMP_ERROR,
+                 e == ENOENT || e == ECONNREFUSED ? FLEECE_QMP_ERROR_NO_PEER
+                                                  : FLEECE_QMP_ERROR_IO,
                  "cannot connect to QMP socket %s: %s", path, g_strerror (e));
     return false;
   }

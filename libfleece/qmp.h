@@ -31,6 +31,7 @@ typedef enum {
   FLEECE_QMP_ERROR_PROTOCOL,  /* malformed JSON or unexpected message */
   FLEECE_QMP_ERROR_TOO_LARGE, /* a message exceeded the size limit */
   FLEECE_QMP_ERROR_COMMAND,   /* QEMU answered with an error reply */
+  FLEECE_QMP_ERROR_NO_PEER,   /* nobody listens: no socket, or refused */
 } FleeceQmpErrorCode;
 
 /* Default limits. */

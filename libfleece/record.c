@@ -466,9 +466,15 @@ fleece_record_store (const FleeceRecordStore *rs, uint32_t vmid,
                  problem);
     return false;
   }
-  json = g_strconcat (json_object_to_json_string_ext (record,
-                        JSON_C_TO_STRING_PRETTY |
-                        JSON_C_TO_STRING_NOSLASHESCAPE), "\n", NULL);
+  /* Files are for people to read; a caller keeps the record in a config
+   * whose values are single lines (Proxmox's guest config). */
+  if (rs_is_callback (rs))
+    json = g_strdup (json_object_to_json_string_ext (record,
+                       JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
+  else
+    json = g_strconcat (json_object_to_json_string_ext (record,
+                          JSON_C_TO_STRING_PRETTY |
+                          JSON_C_TO_STRING_NOSLASHESCAPE), "\n", NULL);
   len = strlen (json);
   if (len > RECORD_MAX_SIZE) {
     g_set_error (err, FLEECE_ERROR, EFBIG,

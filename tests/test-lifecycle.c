@@ -699,6 +699,85 @@ START_TEST (test_nbd_target)
 }
 END_TEST
 
+
+/* QEMU killed mid-backup: the run fails and says so, cleanup frees the
+ * images and removes the record (nothing is left to undo in QEMU). */
+START_TEST (test_qemu_killed)
+{
+  Vm *vm = vm_start ();
+  struct fleece_handle *h = vm_handle (vm);
+  struct fleece_plan *p = plan_checked (h);
+  struct fleece_target *t = fleece_target_new_dir (vm->target, "raw");
+  g_autofree char *record = g_strdup_printf ("%s/%d.json", vm->state, VMID);
+  g_auto (GStrv) files = NULL;
+
+  fleece_set_bwlimit (h, 512);
+  ck_assert_int_eq (fleece_attach (h, p), 0);
+  ck_assert_int_eq (fleece_start (h, p, t), 0);
+  ck_assert_int_eq (kill (vm->q->pid, SIGKILL), 0);
+  ck_assert_int_eq (fleece_wait (h, 10000), -1);
+  ck_assert_msg (strstr (fleece_get_error (), "lost track of the backup of VM 100"),
+                 "%s", fleece_get_error ());
+  ck_assert_msg (fleece_cleanup (h) == 0, "%s", fleece_get_error ());
+  files = tl_list_dir (vm->storage);
+  ck_assert_msg (g_strv_length (files) == 0, "storage not empty: %s", files[0]);
+  ck_assert (!g_file_test (record, G_FILE_TEST_EXISTS));
+  fleece_target_free (t);
+  fleece_plan_free (p);
+  fleece_free (h);
+  vm_stop (vm);
+}
+END_TEST
+
+
+/* QEMU 10.0.0-10.0.2 crash on qom-set drive of an iothread device: the plan
+ * refuses it on those versions, names the drive and the fix. */
+START_TEST (test_iothread_guard)
+{
+  char *keep = tl_tmpdir_new ("io");
+  TlQemu images = { .dir = keep };
+  g_autofree char *img = tl_make_image (&images, "scsi0.raw", "raw", 4 * MiB, 9);
+  g_autofree char *drive = g_strdup_printf ("file=%s,if=none,id=drive-scsi0,format=raw", img);
+  const char *args[] = { "-object", "iothread,id=io0", "-drive", drive,
+                         "-device", "virtio-scsi-pci,id=scsihw0,iothread=io0",
+                         "-device", "scsi-hd,bus=scsihw0.0,drive=drive-scsi0,id=scsi0",
+                         NULL };
+  TlQemu *q = tl_qemu_start (args);
+  g_autofree char *storage = g_build_filename (keep, "storage", NULL);
+  g_autofree char *state = g_build_filename (keep, "state", NULL);
+  struct fleece_handle *h = fleece_new ();
+  struct fleece_plan *p;
+  json_object *v = tl_qmp (q, "query-version", NULL), *qemu, *n;
+  int micro, minor, major;
+
+  json_object_object_get_ex (v, "qemu", &qemu);
+  json_object_object_get_ex (qemu, "major", &n); major = json_object_get_int (n);
+  json_object_object_get_ex (qemu, "minor", &n); minor = json_object_get_int (n);
+  json_object_object_get_ex (qemu, "micro", &n); micro = json_object_get_int (n);
+  json_object_put (v);
+  ck_assert_int_eq (g_mkdir (storage, 0700), 0);
+  fleece_set_state_dir (h, state);
+  fleece_set_vmid (h, VMID);
+  ck_assert_int_eq (fleece_connect (h, q->qmp_path), 0);
+  fleece_set_storage (h, fleece_storage_new_dir (storage));
+  p = fleece_plan (h);
+  if (major == 10 && minor == 0 && micro <= 2) {
+    ck_assert_ptr_null (p);
+    ck_assert_msg (strstr (fleece_get_error (), "drive scsi0 runs in an iothread") &&
+                   strstr (fleece_get_error (), "10.0.3"), "%s", fleece_get_error ());
+    ck_assert (tl_qemu_alive (q));
+    /* Without fleecing the drive can still be backed up. */
+    fleece_set_plan_flags (h, FLEECE_PLAN_NO_FLEECING);
+    p = fleece_plan (h);
+  }
+  ck_assert_msg (p != NULL, "%s", fleece_get_error ());
+  fleece_plan_free (p);
+  fleece_free (h);
+  tl_qemu_stop (q);
+  tl_tmpdir_free (keep);
+}
+END_TEST
+
 static Suite *
 lifecycle_suite (void)
 {
@@ -715,6 +794,8 @@ lifecycle_suite (void)
   tcase_add_test (tc, test_incremental);
   tcase_add_test (tc, test_storage_full);
   tcase_add_test (tc, test_nbd_target);
+  tcase_add_test (tc, test_qemu_killed);
+  tcase_add_test (tc, test_iothread_guard);
   suite_add_tcase (s, tc);
   return s;
 }

@@ -38,6 +38,8 @@ extern "C" {
 #define FLEECE_HAVE_DIR_TARGET 1
 #define FLEECE_HAVE_NBD_TARGET 1
 #define FLEECE_HAVE_PVE_TARGET 1
+#define FLEECE_HAVE_DRIVE_RESULT 1   /* fleece_get_drive_result/_elapsed_ms */
+#define FLEECE_HAVE_PLAN_FLEECING_OPTIONAL 1
 
 /* ------------------------------------------------------------------ */
 /* Version and errors                                                  */
@@ -144,7 +146,14 @@ FLEECE_API struct fleece_target *fleece_target_new_nbd (const char *uri);
 
 /* Proxmox engine only: extra arguments of the patched QEMU's QMP "backup"
  * command, passed through unchanged, as a JSON object, e.g.
- * {"backup-file": "/backup/vm.vma", "format": "vma"}. */
+ * {"backup-file": "/backup/vm.vma", "format": "vma"}.
+ * {"target-id": ID, "bitmap-mode": "none"|"new"|"use"} (the mode may also
+ * be an object by drive key) asks instead for backup access for an external
+ * provider (pve-qemu 9.2+, plan with FLEECE_PLAN_ALL_DRIVES): fleece_start()
+ * leaves per drive a snapshot-access node to export over NBD, listed in the
+ * record (fleece_get_record(): drives[].access); fleece_wait() returns 0
+ * while it is set up; fleece_cancel() ends it as failed, fleece_cleanup()
+ * on the same handle as successful. */
 FLEECE_API struct fleece_target *fleece_target_new_pve (const char *json_args);
 
 FLEECE_API void fleece_target_free (struct fleece_target *t);
@@ -201,6 +210,8 @@ FLEECE_API int fleece_set_drives (struct fleece_handle *h,
 /* Plan flags. */
 #define FLEECE_PLAN_ALL_DRIVES  0x1u  /* fleece efidisk/tpmstate too */
 #define FLEECE_PLAN_NO_FLEECING 0x2u  /* back up without fleecing */
+#define FLEECE_PLAN_FLEECING_OPTIONAL 0x4u /* QEMU cannot fleece: warn and
+                                            * back up without (else fail) */
 FLEECE_API int fleece_set_plan_flags (struct fleece_handle *h, unsigned flags);
 
 /* Force the fleecing image format ("raw" or "qcow2"); NULL chooses qcow2
@@ -208,14 +219,16 @@ FLEECE_API int fleece_set_plan_flags (struct fleece_handle *h, unsigned flags);
 FLEECE_API int fleece_set_image_format (struct fleece_handle *h,
                                         const char *format);
 
-/* Speed limit of the backup in KiB/s; 0 is unlimited. */
+/* Speed limit in KiB/s of each drive's backup job (QEMU limits jobs one
+ * by one); 0 is unlimited.  May change until fleece_start(). */
 FLEECE_API int fleece_set_bwlimit (struct fleece_handle *h, uint64_t kib_per_s);
 
 /* Incremental backup: the name of a dirty bitmap on every backed-up drive's
  * source node; NULL for a full backup. */
 FLEECE_API int fleece_set_bitmap (struct fleece_handle *h, const char *name);
 
-/* copy-before-write timeout in seconds (default 45; 0 disables). */
+/* copy-before-write timeout in seconds (default 45; 0 disables).  May
+ * change until fleece_start(). */
 FLEECE_API int fleece_set_cbw_timeout (struct fleece_handle *h,
                                        unsigned seconds);
 
@@ -285,6 +298,16 @@ FLEECE_API int fleece_get_progress (struct fleece_handle *h, uint64_t *done,
 FLEECE_API int fleece_get_drive_progress (struct fleece_handle *h,
                                           const char *key, uint64_t *done,
                                           uint64_t *total);
+
+/* How the backup of drive key ended: "ok", "cancelled", or why it failed.
+ * NULL while it runs (errno EAGAIN) or for a drive not in the backup. */
+FLEECE_API const char *fleece_get_drive_result (struct fleece_handle *h,
+                                                const char *key);
+
+/* Milliseconds the backup of drive key ran (so far, while it runs); 0
+ * before it started, -1 for a drive not in the backup. */
+FLEECE_API int64_t fleece_get_drive_elapsed_ms (struct fleece_handle *h,
+                                                const char *key);
 
 /* The durable record of this vmid as a JSON document (malloc'd), or NULL:
  * with errno ENOENT when there is none, else on failure. */
