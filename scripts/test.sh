@@ -1,0 +1,38 @@
+#!/bin/sh
+# The README's test command: install what is needed, build with warnings as
+# errors, run every suite, then the unit suites under valgrind and the whole
+# suite under ASan+UBSan.  Run as root on Debian 12.
+set -eu
+cd "$(dirname "$0")/.."
+top=$(pwd)
+
+./scripts/install-deps.sh
+
+setup () {
+    dir=$1; shift
+    if [ -f "$dir/build.ninja" ]; then
+        meson setup --reconfigure "$dir" "$@" >/dev/null
+    else
+        meson setup "$dir" "$@" >/dev/null
+    fi
+}
+
+echo "== build (warnings are errors)"
+setup build-test -Dwerror=true -Dbuildtype=debugoptimized
+ninja -C build-test
+
+echo "== all suites"
+meson test -C build-test --print-errorlogs --num-processes 2
+
+echo "== unit suites under valgrind"
+meson test -C build-test --setup valgrind --suite unit --print-errorlogs --num-processes 2
+
+echo "== all suites under ASan+UBSan"
+setup build-asan -Dwerror=true -Dbuildtype=debug -Db_sanitize=address,undefined -Db_lundef=false
+ninja -C build-asan
+ASAN_OPTIONS=detect_leaks=1:halt_on_error=1:abort_on_error=1 \
+UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+LSAN_OPTIONS=suppressions=$top/tests/lsan.supp \
+    meson test -C build-asan --print-errorlogs --num-processes 2 --no-suite perl
+
+echo "== all tests passed"
