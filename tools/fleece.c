@@ -764,6 +764,32 @@ run_backup (Ui *ui, struct fleece_handle *h, struct fleece_target *t,
                                                        : TOOL_EXIT_FAILED;
 }
 
+/* --vma FILE and --pve-args JSON: the patched QEMU's backup arguments. */
+static struct fleece_target *
+pve_target (const char *cmd, const char *vma, const char *json_args)
+{
+  g_autoptr (json_object) args = NULL;
+  struct fleece_target *t;
+
+  if (json_args) {
+    args = json_tokener_parse (json_args);
+    if (!args || !json_object_is_type (args, json_type_object))
+      tool_usage_error (cmd, "--pve-args must be a JSON object, e.g. "
+                        "'{\"format\": \"pbs\", \"backup-file\": \"...\"}'");
+  } else {
+    args = json_object_new_object ();
+  }
+  if (vma) {
+    g_autofree char *abs = g_canonicalize_filename (vma, NULL);
+    json_object_object_add (args, "backup-file", json_object_new_string (abs));
+    json_object_object_add (args, "format", json_object_new_string ("vma"));
+  }
+  t = fleece_target_new_pve (json_object_to_json_string_ext (args, JSON_C_TO_STRING_PLAIN));
+  if (!t)
+    tool_usage_error (cmd, "%s", last_error ());
+  return t;
+}
+
 static int
 cmd_backup (int argc, char **argv)
 {
@@ -779,11 +805,26 @@ cmd_backup (int argc, char **argv)
   g_autofree char *bitmap = NULL;
   g_autofree char *cbw_timeout_s = NULL;
   g_autofree char *state_dir = NULL;
+  g_autofree char *engine_s = NULL;
+  g_autofree char *vma = NULL;
+  g_autofree char *pve_args = NULL;
   gboolean all_drives = FALSE, no_fleecing = FALSE, json = FALSE;
-  gboolean verbose = FALSE;
+  gboolean verbose = FALSE, fleecing_optional = FALSE;
+  int engine = FLEECE_ENGINE_AUTO;
   GOptionEntry entries[] = {
     { "qmp", 0, 0, G_OPTION_ARG_FILENAME, &qmp,
       "The VM's QMP socket (required)", "PATH" },
+    { "engine", 0, 0, G_OPTION_ARG_STRING, &engine_s,
+      "auto (default: Proxmox's if QEMU has it), qemu (stock QEMU, graph "
+      "built over QMP) or pve (Proxmox's patched QEMU)", "ENGINE" },
+    { "vma", 0, 0, G_OPTION_ARG_FILENAME, &vma,
+      "Proxmox engine: write a VMA archive FILE (implies --engine pve)", "FILE" },
+    { "pve-args", 0, 0, G_OPTION_ARG_STRING, &pve_args,
+      "Proxmox engine: further arguments of QMP backup as a JSON object "
+      "(e.g. PBS repository and credentials), passed through", "JSON" },
+    { "fleecing-optional", 0, 0, G_OPTION_ARG_NONE, &fleecing_optional,
+      "If QEMU cannot fleece, warn and back up without (qemu-server's way)",
+      NULL },
     { "vmid", 0, 0, G_OPTION_ARG_STRING, &vmid_s,
       "The VM's id, 1 to 999999999 (required)", "ID" },
     { "fleecing-storage", 0, 0, G_OPTION_ARG_FILENAME, &storage,
@@ -841,12 +882,33 @@ cmd_backup (int argc, char **argv)
                       "/var/run/qemu-server/%u.qmp)", ui.vmid);
   o.storage = need_dir (cmd, "--fleecing-storage", storage,
                         "a directory on fast local storage");
-  if (target_dir && target_nbd)
+  if (engine_s) {
+    if (strcmp (engine_s, "auto") == 0)
+      engine = FLEECE_ENGINE_AUTO;
+    else if (strcmp (engine_s, "qemu") == 0)
+      engine = FLEECE_ENGINE_QEMU;
+    else if (strcmp (engine_s, "pve") == 0)
+      engine = FLEECE_ENGINE_PVE;
+    else
+      tool_usage_error (cmd, "--engine must be auto, qemu or pve, not '%s'",
+                        engine_s);
+  }
+  if ((vma || pve_args) && (target_dir || target_nbd))
+    tool_usage_error (cmd, "--vma/--pve-args write through Proxmox's QEMU; "
+                      "leave out --target-dir and --target-nbd");
+  if ((vma || pve_args) && engine == FLEECE_ENGINE_QEMU)
+    tool_usage_error (cmd, "--vma/--pve-args need --engine pve (or auto)");
+  if (vma || pve_args) {
+    /* On a patched QEMU without backup-fleecing, auto would pick the stock
+     * engine, which cannot write a VMA. */
+    engine = FLEECE_ENGINE_PVE;
+    t = pve_target (cmd, vma, pve_args);
+  } else if (target_dir && target_nbd)
     tool_usage_error (cmd, "--target-dir and --target-nbd exclude each other; "
                       "give one");
-  if (!target_dir && !target_nbd)
-    tool_usage_error (cmd, "missing target: give --target-dir DIR or "
-                      "--target-nbd nbd+unix:///?socket=PATH");
+  else if (!target_dir && !target_nbd)
+    tool_usage_error (cmd, "missing target: give --target-dir DIR, "
+                      "--target-nbd nbd+unix:///?socket=PATH, or --vma FILE");
   if (target_format && !target_dir)
     tool_usage_error (cmd, "--target-format applies to --target-dir only");
   if (target_format && strcmp (target_format, "raw") != 0 &&
@@ -883,7 +945,9 @@ cmd_backup (int argc, char **argv)
     setvbuf (stdout, NULL, _IOLBF, 0);
 
   /* Bad values the library sees first are usage errors too. */
-  if (o.target_dir)
+  if (t)
+    ;
+  else if (o.target_dir)
     t = fleece_target_new_dir (o.target_dir, o.target_format);
   else
     t = fleece_target_new_nbd (o.target_nbd);
@@ -898,7 +962,10 @@ cmd_backup (int argc, char **argv)
     flags |= FLEECE_PLAN_NO_FLEECING;
   if (all_drives)
     flags |= FLEECE_PLAN_ALL_DRIVES;
-  if (fleece_set_vmid (h, ui.vmid) < 0 ||
+  if (fleecing_optional)
+    flags |= FLEECE_PLAN_FLEECING_OPTIONAL;
+  if (fleece_set_engine (h, engine) < 0 ||
+      fleece_set_vmid (h, ui.vmid) < 0 ||
       (o.state_dir && fleece_set_state_dir (h, o.state_dir) < 0) ||
       fleece_set_storage (h, st) < 0 ||
       fleece_set_plan_flags (h, flags) < 0 ||
