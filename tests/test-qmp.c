@@ -42,7 +42,32 @@ struct Peer {
   GPtrArray *ids;         /* ids of all requests read */
   json_object *last_args; /* arguments of the last request */
   const void *data;       /* per test */
+  GMutex lock;            /* "go": the client lets a script go on */
+  GCond cond;
+  bool go;
 };
+
+/* The client tells the peer to go on (p_wait_go) at a point of its own
+ * choosing, so that a script's timing never depends on how fast the
+ * client runs (valgrind makes it slow). */
+static void
+p_let_go (Peer *p)
+{
+  g_mutex_lock (&p->lock);
+  p->go = true;
+  g_cond_signal (&p->cond);
+  g_mutex_unlock (&p->lock);
+}
+
+static void
+p_wait_go (Peer *p)
+{
+  g_mutex_lock (&p->lock);
+  while (!p->go)
+    g_cond_wait (&p->cond, &p->lock);
+  p->go = false;
+  g_mutex_unlock (&p->lock);
+}
 
 static void G_GNUC_PRINTF (2, 3)
 p_fail (Peer *p, const char *fmt, ...)
@@ -213,6 +238,8 @@ peer_new (PeerScript script, const void *data)
   p->data = data;
   p->tok = json_tokener_new ();
   p->ids = g_ptr_array_new_with_free_func (g_free);
+  g_mutex_init (&p->lock);
+  g_cond_init (&p->cond);
   return p;
 }
 
@@ -244,6 +271,8 @@ peer_finish (Peer *p)
   json_tokener_free (p->tok);
   json_object_put (p->last_args);
   g_ptr_array_unref (p->ids);
+  g_mutex_clear (&p->lock);
+  g_cond_clear (&p->cond);
   g_free (p);
   ck_assert_msg (failure == NULL, "%s", failure);
 }
@@ -473,8 +502,9 @@ script_id_matching (Peer *p)
           "\"timestamp\": {\"seconds\": 1, \"microseconds\": 4}}\n");
   p_sendf (p, "{\"return\": [{\"device\": \"drive-scsi0\"}], \"id\": \"%s\"}\n",
            id);
-  /* One event without data, sent later, for wait_event. */
-  g_usleep (50 * 1000);
+  /* One event without data, sent once the client has seen that nothing
+   * is readable yet, for wait_event. */
+  p_wait_go (p);
   p_send (p, "{\"event\": \"EV_C\", "
           "\"timestamp\": {\"seconds\": 2, \"microseconds\": 0}}\n");
   p_send (p, "{\"event\": \"EV_D\", \"data\": {}, "
@@ -549,6 +579,7 @@ START_TEST (test_id_matching_and_events)
                               FLEECE_QMP_ERROR_TIMEOUT));
   ck_assert_int_lt (now_ms () - t0, 500);
   g_clear_error (&err);
+  p_let_go (p);
 
   /* EV_C arrives first and is queued while we wait for EV_D. */
   ev4 = fleece_qmp_wait_event (q, match_name, "EV_D", 2000, &err);
