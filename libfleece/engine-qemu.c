@@ -851,7 +851,8 @@ check_bitmaps (struct fleece_handle *h, struct fleece_plan *p, GError **err)
     for (size_t j = 0; j < json_object_array_length (nodes) && !found; j++) {
       json_object *n = json_object_array_get_idx (nodes, j), *bms;
       if (g_strcmp0 (jstr (n, "node-name"), d->root) != 0 ||
-          !json_object_object_get_ex (n, "dirty-bitmaps", &bms))
+          !json_object_object_get_ex (n, "dirty-bitmaps", &bms) ||
+          !json_object_is_type (bms, json_type_array))
         continue;
       for (size_t k = 0; k < json_object_array_length (bms) && !found; k++)
         found = g_strcmp0 (jstr (json_object_array_get_idx (bms, k), "name"),
@@ -880,6 +881,24 @@ qemu_check_plan (struct fleece_handle *h, struct fleece_plan *p, GError **err)
     any_fleeced |= ((FleeceDrive *) p->drives->pdata[i])->fleeced;
   if (!any_fleeced)
     return true;
+  if ((!f->cbw || !f->snapshot_access || !f->cbw_on_cbw_error || !f->cbw_timeout) &&
+      (h->plan_flags & FLEECE_PLAN_FLEECING_OPTIONAL)) {
+    fleece_log (h, FLEECE_LOG_WARNING,
+                "running QEMU version does not support backup fleecing - "
+                "continuing without");
+    for (guint i = 0; i < p->drives->len; i++) {
+      FleeceDrive *d = p->drives->pdata[i];
+      if (d->fleeced) {
+        d->fleeced = false;
+        g_clear_pointer (&d->image, g_free);
+        g_clear_pointer (&d->format, g_free);
+        d->cluster_size = 0;
+        g_free (d->reason);
+        d->reason = g_strdup ("the running QEMU cannot fleece");
+      }
+    }
+    return true;
+  }
   if (!f->cbw || !f->snapshot_access || !f->cbw_on_cbw_error || !f->cbw_timeout) {
     g_set_error (err, FLEECE_ERROR, ENOTSUP,
                  "QEMU %d.%d.%d lacks %s, which fleecing needs (QEMU >= 7.1; "

@@ -522,6 +522,20 @@ reply_id_is (json_object *msg, const char *id, bool *has_id)
          && strcmp (json_object_get_string (v), id) == 0;
 }
 
+/* Commands whose reply the library walks as an array (QAPI says so): any
+ * other reply is the peer's error, reported here, not an assertion in
+ * json-c's array functions later. */
+static bool
+returns_array (const char *command)
+{
+  static const char *const commands[] = {
+    "query-block", "query-named-block-nodes", "query-jobs", "query-iothreads",
+    "query-qmp-schema", "backup-access-setup", NULL,
+  };
+
+  return g_strv_contains (commands, command);
+}
+
 static json_object *
 handle_reply (FleeceQmp *q, const char *command, json_object *msg,
               GError **err)
@@ -534,6 +548,12 @@ handle_reply (FleeceQmp *q, const char *command, json_object *msg,
     if (!ret) {
       g_set_error (err, FLEECE_QMP_ERROR, FLEECE_QMP_ERROR_PROTOCOL,
                    "%s: QMP reply has a null return value", command);
+      return NULL;
+    }
+    if (returns_array (command) && !json_object_is_type (ret, json_type_array)) {
+      g_set_error (err, FLEECE_QMP_ERROR, FLEECE_QMP_ERROR_PROTOCOL,
+                   "%s: expected an array in the QMP reply, got %.200s", command,
+                   json_object_to_json_string (ret));
       return NULL;
     }
     return json_object_get (ret);

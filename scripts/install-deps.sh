@@ -26,7 +26,7 @@ apt-get update || true
 apt-get install -y --no-install-recommends \
     build-essential meson ninja-build pkg-config \
     libglib2.0-dev libjson-c-dev uuid-dev check \
-    valgrind abigail-tools \
+    valgrind abigail-tools clang libclang-rt-dev \
     perl libextutils-pkgconfig-perl libtest-simple-perl \
     gnuplot-nox ca-certificates
 

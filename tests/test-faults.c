@@ -1,0 +1,2319 @@
+/* Faults, bad input and concurrency on a real QEMU (docs/reliability.md).
+ *
+ * The library has no test hooks: faults are injected from outside.  A
+ * fault proxy (fault-proxy.c) sits between the library and QEMU's QMP
+ * socket and counts commands; at the N-th it SIGKILLs the process running
+ * the library, closes the socket, truncates or corrupts the reply.  The
+ * library runs in a forked child where it is to be killed.  After every
+ * fault, fleece_cleanup() on a fresh handle (the way a restarted manager
+ * recovers) must leave the VM exactly as before:
+ *
+ *   - query-named-block-nodes equals the set before the run,
+ *   - every device's root node is its original one,
+ *   - query-jobs is empty,
+ *   - the fleecing storage is empty and the record is gone,
+ *   - the VM runs as before (start stops the vCPUs),
+ *   - the disks hold exactly what the test wrote through the devices,
+ *   - a guest write through every device succeeds.
+ *
+ * Run as "test-faults qemu" (needs QEMU, root for tmpfs mounts) or
+ * "test-faults unit" (bad input that needs no QEMU; runs under valgrind).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <check.h>
+#include <glib/gstdio.h>
+
+#include "testlib.h"
+#include "internal.h"
+#include "fleece/fleece.h"
+
+#define MiB (1024 * 1024)
+#define VMID 100
+#define CHILD_TIMEOUT_MS 60000
+
+/* FLEECE_FAULTS_SAMPLE=k: of the injection points of each matrix, run only
+ * every k-th (shifted by salt, so that the matrices sample different
+ * commands).  scripts/test.sh sets it for the ASan run, where the whole
+ * matrix would not fit the time budget; the plain run has all of it. */
+static bool
+sampled (unsigned n, unsigned salt)
+{
+  const char *env = g_getenv ("FLEECE_FAULTS_SAMPLE");
+  int k = env ? atoi (env) : 1;
+
+  return k <= 1 || (n + salt) % (unsigned) k == 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* The fault proxy                                                     */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+  GPid pid;
+  int in, out;          /* its stdin, its stdout */
+  char *path;           /* where the library connects */
+  GString *buf;         /* read, not yet returned */
+} Proxy;
+
+typedef struct {
+  unsigned commands;
+  bool fired;
+  char *at;             /* name of command N */
+  char **cmds;          /* every command seen */
+} ProxyEnd;
+
+static void
+proxy_end_clear (ProxyEnd *e)
+{
+  g_free (e->at);
+  g_strfreev (e->cmds);
+  memset (e, 0, sizeof *e);
+}
+
+/* The next line the proxy printed (g_free); aborts after timeout_ms. */
+static char *
+proxy_line (Proxy *px, int timeout_ms)
+{
+  gint64 deadline = g_get_monotonic_time () + (gint64) timeout_ms * 1000;
+
+  for (;;) {
+    char *nl = strchr (px->buf->str, '\n');
+    struct pollfd pfd = { .fd = px->out, .events = POLLIN };
+    char chunk[4096];
+    ssize_t n;
+    int left;
+
+    if (nl) {
+      char *line = g_strndup (px->buf->str, (gsize) (nl - px->buf->str));
+      g_string_erase (px->buf, 0, nl - px->buf->str + 1);
+      return line;
+    }
+    left = (int) ((deadline - g_get_monotonic_time ()) / 1000);
+    ck_assert_msg (left > 0, "the fault proxy said nothing within %d ms", timeout_ms);
+    if (poll (&pfd, 1, left) <= 0)
+      continue;
+    n = read (px->out, chunk, sizeof chunk);
+    ck_assert_msg (n > 0, "the fault proxy is gone");
+    g_string_append_len (px->buf, chunk, n);
+  }
+}
+
+static void
+proxy_cmd (Proxy *px, const char *expect, const char *fmt, ...) G_GNUC_PRINTF (3, 4);
+
+static void
+proxy_cmd (Proxy *px, const char *expect, const char *fmt, ...)
+{
+  g_autofree char *cmd = NULL;
+  g_autofree char *line = NULL;
+  va_list ap;
+
+  va_start (ap, fmt);
+  cmd = g_strdup_vprintf (fmt, ap);
+  va_end (ap);
+  ck_assert (write (px->in, cmd, strlen (cmd)) == (ssize_t) strlen (cmd));
+  ck_assert (write (px->in, "\n", 1) == 1);
+  line = proxy_line (px, 5000);
+  ck_assert_msg (strcmp (line, expect) == 0, "fault proxy: '%s' answered '%s'", cmd, line);
+}
+
+static void
+proxy_arm (Proxy *px, const char *mode, unsigned n, pid_t pid, long arg)
+{
+  proxy_cmd (px, "armed", "arm %s %u %d %ld", mode, n, (int) pid, arg);
+}
+
+/* The report of the armed connection, once it ended. */
+static void
+proxy_end (Proxy *px, ProxyEnd *e)
+{
+  g_autofree char *line = proxy_line (px, CHILD_TIMEOUT_MS);
+  char at[128] = "", cmds[8192] = "";
+  int fired = 0;
+
+  proxy_end_clear (e);
+  ck_assert_msg (sscanf (line, "end commands=%u fired=%d at=%127s cmds=%8191s",
+                         &e->commands, &fired, at, cmds) >= 3,
+                 "fault proxy: unexpected '%s'", line);
+  e->fired = fired != 0;
+  e->at = g_strdup (at);
+  e->cmds = g_strsplit (cmds, ",", -1);
+}
+
+static Proxy *
+proxy_start (const char *upstream, const char *path)
+{
+  const char *bin = g_getenv ("FLEECE_FAULT_PROXY");
+  const char *argv[] = { bin, path, upstream, NULL };
+  g_autoptr (GError) err = NULL;
+  g_autofree char *line = NULL;
+  Proxy *px = g_new0 (Proxy, 1);
+
+  ck_assert_msg (bin && *bin, "FLEECE_FAULT_PROXY is not set (run through meson test)");
+  if (!g_spawn_async_with_pipes (NULL, (char **) argv, NULL, G_SPAWN_DO_NOT_REAP_CHILD,
+                                 NULL, NULL, &px->pid, &px->in, &px->out, NULL, &err))
+    ck_abort_msg ("cannot start %s: %s", bin, err->message);
+  px->path = g_strdup (path);
+  px->buf = g_string_new (NULL);
+  line = proxy_line (px, 5000);
+  ck_assert_str_eq (line, "ready");
+  return px;
+}
+
+static void
+proxy_stop (Proxy *px)
+{
+  if (!px)
+    return;
+  close (px->in);
+  close (px->out);
+  kill (px->pid, SIGTERM);
+  waitpid (px->pid, NULL, 0);
+  g_spawn_close_pid (px->pid);
+  g_free (px->path);
+  g_string_free (px->buf, TRUE);
+  g_free (px);
+}
+
+/* ------------------------------------------------------------------ */
+/* The VM                                                              */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+  const char *key;
+  const char *format;
+  uint64_t size;
+  const char *bus;
+  bool fleeced;
+} Disk;
+
+/* Small and quick, but Proxmox-shaped: a fleeced qcow2 SCSI disk and an
+ * EFI disk that is backed up without fleecing. */
+static const Disk disks[] = {
+  { "efidisk0", "raw", 528 * 1024, "virtio", false },
+  { "scsi0", "qcow2", 8 * MiB, "scsi", true },
+};
+#define NDISKS G_N_ELEMENTS (disks)
+#define FLEECED 1   /* index of scsi0 */
+
+typedef struct {
+  TlQemu *q;
+  char *dir;            /* scratch: disks, storage, targets, state */
+  char *storage;
+  char *target;
+  char *state;
+  char *paths[NDISKS];
+  char *roots[NDISKS];  /* original root node of each device */
+  guint8 *model[NDISKS];/* what the guest must see */
+  char **nodes_before;
+  GString *log;
+  Proxy *px;
+  uint32_t vmid;
+  unsigned writes;      /* guest writes so far, for distinct patterns */
+} Vm;
+
+static void
+log_cb (void *opaque, int level, const char *msg)
+{
+  g_string_append_printf (opaque, "[%d] %s\n", level, msg);
+}
+
+static const char *
+disk_qdev (const Disk *d)
+{
+  static char buf[128];
+
+  if (strcmp (d->bus, "virtio") != 0)
+    return d->key;
+  g_snprintf (buf, sizeof buf, "/machine/peripheral/%s/virtio-backend", d->key);
+  return buf;
+}
+
+static bool
+vm_running (Vm *vm)
+{
+  json_object *st = tl_qmp (vm->q, "query-status", NULL), *v;
+  bool r = json_object_object_get_ex (st, "running", &v) && json_object_get_boolean (v);
+
+  json_object_put (st);
+  return r;
+}
+
+/* extra: NULL-terminated extra QEMU arguments or NULL. */
+static Vm *
+vm_start_full (const char *const *extra, bool running)
+{
+  Vm *vm = g_new0 (Vm, 1);
+  g_autoptr (GPtrArray) args = g_ptr_array_new_with_free_func (g_free);
+  TlQemu images;
+  bool scsi = false;
+
+  vm->vmid = VMID;
+  vm->dir = tl_tmpdir_new ("faults");
+  images.dir = vm->dir;
+  for (size_t i = 0; i < NDISKS; i++) {
+    const Disk *d = &disks[i];
+    g_autofree char *name = g_strdup_printf ("%s.%s", d->key, d->format);
+    uint64_t size = 0;
+
+    vm->paths[i] = tl_make_image (&images, name, d->format, d->size, (unsigned) i + 1);
+    vm->model[i] = tl_read_image (vm->paths[i], d->format, &size);
+    ck_assert_uint_eq (size, d->size);
+    g_ptr_array_add (args, g_strdup ("-drive"));
+    g_ptr_array_add (args, g_strdup_printf ("file=%s,if=none,id=drive-%s,format=%s,discard=unmap",
+                                            vm->paths[i], d->key, d->format));
+    if (strcmp (d->bus, "scsi") == 0 && !scsi) {
+      g_ptr_array_add (args, g_strdup ("-device"));
+      g_ptr_array_add (args, g_strdup ("virtio-scsi-pci,id=scsihw0"));
+      scsi = true;
+    }
+    g_ptr_array_add (args, g_strdup ("-device"));
+    if (strcmp (d->bus, "scsi") == 0)
+      g_ptr_array_add (args, g_strdup_printf ("scsi-hd,bus=scsihw0.0,drive=drive-%s,id=%s",
+                                              d->key, d->key));
+    else
+      g_ptr_array_add (args, g_strdup_printf ("virtio-blk-pci,drive=drive-%s,id=%s",
+                                              d->key, d->key));
+  }
+  for (size_t i = 0; extra && extra[i]; i++)
+    g_ptr_array_add (args, g_strdup (extra[i]));
+  g_ptr_array_add (args, NULL);
+  vm->q = tl_qemu_start ((const char *const *) args->pdata);
+  vm->storage = g_build_filename (vm->dir, "storage", NULL);
+  vm->target = g_build_filename (vm->dir, "target", NULL);
+  vm->state = g_build_filename (vm->dir, "state", NULL);
+  ck_assert_int_eq (g_mkdir (vm->storage, 0700), 0);
+  ck_assert_int_eq (g_mkdir (vm->target, 0700), 0);
+  for (size_t i = 0; i < NDISKS; i++)
+    vm->roots[i] = tl_device_root (vm->q, disks[i].key);
+  vm->nodes_before = tl_node_names (vm->q);
+  vm->log = g_string_new (NULL);
+  /* Running, so that start's stop/cont (and "paused-by-us") is exercised. */
+  if (running) {
+    json_object_put (tl_qmp (vm->q, "cont", NULL));
+    ck_assert (vm_running (vm));
+  }
+  return vm;
+}
+
+static Vm *
+vm_start (void)
+{
+  return vm_start_full (NULL, true);
+}
+
+static void
+vm_stop (Vm *vm)
+{
+  proxy_stop (vm->px);
+  tl_qemu_stop (vm->q);
+  for (size_t i = 0; i < NDISKS; i++) {
+    g_free (vm->paths[i]);
+    g_free (vm->roots[i]);
+    g_free (vm->model[i]);
+  }
+  g_free (vm->storage);
+  g_free (vm->target);
+  g_free (vm->state);
+  g_strfreev (vm->nodes_before);
+  g_string_free (vm->log, TRUE);
+  tl_tmpdir_free (vm->dir);
+  g_free (vm);
+}
+
+/* The proxy between the library and the VM's QMP socket. */
+static const char *
+vm_proxy (Vm *vm)
+{
+  if (!vm->px) {
+    g_autofree char *path = g_build_filename (vm->dir, "proxy.sock", NULL);
+    vm->px = proxy_start (vm->q->qmp_path, path);
+  }
+  return vm->px->path;
+}
+
+/* A handle on qmp_path set up for the VM, not connected if qmp_path is
+ * NULL (cleanup then connects to the socket in the record). */
+static struct fleece_handle *
+vm_handle (Vm *vm, const char *qmp_path)
+{
+  struct fleece_handle *h = fleece_new ();
+
+  ck_assert_ptr_nonnull (h);
+  fleece_set_log_callback (h, log_cb, vm->log);
+  ck_assert_int_eq (fleece_set_state_dir (h, vm->state), 0);
+  ck_assert_int_eq (fleece_set_vmid (h, vm->vmid), 0);
+  if (qmp_path) {
+    ck_assert_msg (fleece_connect (h, qmp_path) == 0, "%s", fleece_get_error ());
+    ck_assert_int_eq (fleece_set_storage (h, fleece_storage_new_dir (vm->storage)), 0);
+  }
+  return h;
+}
+
+/* Write through the guest device (i.e. through any cbw filter) and keep
+ * the model in step.  Every write has its own pattern. */
+static void
+guest_write (Vm *vm, size_t i, uint64_t off, uint64_t len)
+{
+  unsigned pattern = 0x10 + (vm->writes++ % 0xe0);
+  g_autofree char *cmd = g_strdup_printf ("write -P 0x%02x %" G_GUINT64_FORMAT " %"
+                                          G_GUINT64_FORMAT, pattern, off, len);
+
+  tl_guest_io (vm->q, disk_qdev (&disks[i]), cmd);
+  memset (vm->model[i] + off, (int) pattern, len);
+}
+
+/* A guest write near the end of every disk: ahead of the backup cursor, so
+ * with a filter in place old data is copied to the fleecing image first. */
+static void
+guest_write_all (Vm *vm)
+{
+  for (size_t i = 0; i < NDISKS; i++)
+    guest_write (vm, i, disks[i].size - 128 * 1024, 64 * 1024);
+}
+
+static void
+empty_dir (const char *dir)
+{
+  g_auto (GStrv) files = tl_list_dir (dir);
+
+  for (char **f = files; *f; f++) {
+    g_autofree char *path = g_build_filename (dir, *f, NULL);
+    g_unlink (path);
+  }
+}
+
+/* The list of the checks in the header comment.  what names the fault for
+ * the failure message. */
+static void
+assert_restored (Vm *vm, const char *what)
+{
+  g_auto (GStrv) nodes = tl_node_names (vm->q);
+  g_auto (GStrv) files = tl_list_dir (vm->storage);
+  g_auto (GStrv) state = g_file_test (vm->state, G_FILE_TEST_IS_DIR)
+                           ? tl_list_dir (vm->state) : g_new0 (char *, 1);
+  g_autofree char *nb = g_strjoinv (",", vm->nodes_before);
+  g_autofree char *na = g_strjoinv (",", nodes);
+  g_autofree char *st = g_strjoinv (",", state);
+
+  ck_assert_msg (strcmp (na, nb) == 0, "%s: nodes %s, before %s\n%s", what, na, nb,
+                 vm->log->str);
+  ck_assert_msg (tl_job_count (vm->q) == 0, "%s: jobs left", what);
+  ck_assert_msg (g_strv_length (files) == 0, "%s: storage holds %s", what, files[0]);
+  /* Lock files stay (removing one would let two runs lock different
+   * inodes); nothing else: no record, no temporary file. */
+  for (char **f = state; *f; f++)
+    ck_assert_msg (g_str_has_suffix (*f, ".lock") && g_ascii_isdigit (**f),
+                   "%s: state dir holds %s", what, st);
+  for (size_t i = 0; i < NDISKS; i++) {
+    g_autofree char *root = tl_device_root (vm->q, disks[i].key);
+    ck_assert_msg (g_strcmp0 (root, vm->roots[i]) == 0, "%s: %s uses %s, not %s", what,
+                   disks[i].key, root, vm->roots[i]);
+  }
+  ck_assert_msg (vm_running (vm), "%s: the VM is left paused", what);
+  guest_write_all (vm);
+  for (size_t i = 0; i < NDISKS; i++) {
+    uint64_t size = 0;
+    g_autofree guint8 *now = tl_read_image (vm->paths[i], disks[i].format, &size);
+
+    ck_assert_uint_eq (size, disks[i].size);
+    ck_assert_msg (memcmp (now, vm->model[i], size) == 0,
+                   "%s: %s does not hold what the guest wrote", what, disks[i].key);
+  }
+  g_string_truncate (vm->log, 0);
+}
+
+/* fleece_cleanup() the way a restarted manager does: a fresh handle that
+ * knows only the vmid and the state dir. */
+static void
+recover (Vm *vm, const char *what)
+{
+  struct fleece_handle *h = vm_handle (vm, NULL);
+
+  ck_assert_msg (fleece_cleanup (h) == 0, "%s: cleanup failed: %s\n%s", what,
+                 fleece_get_error (), vm->log->str);
+  ck_assert_ptr_null (fleece_get_record (h));
+  ck_assert_int_eq (fleece_get_errno (), ENOENT);
+  fleece_free (h);
+}
+
+/* ------------------------------------------------------------------ */
+/* The library in a child, to be killed                                */
+/* ------------------------------------------------------------------ */
+
+typedef enum {
+  CHILD_SETUP,    /* connect, plan, attach, start */
+  CHILD_CLEANUP,  /* fleece_cleanup from the record */
+} ChildJob;
+
+typedef struct {
+  pid_t pid;
+  int go;         /* write a byte to let it start */
+  int done;       /* it writes a byte when its job is done */
+} Child;
+
+/* No Check calls in here: the child must never return into the test. */
+static G_GNUC_NORETURN void
+child_main (Vm *vm, ChildJob job, uint64_t bwlimit, int go, int done)
+{
+  struct fleece_handle *h;
+  struct fleece_plan *p;
+  struct fleece_target *t;
+  char c;
+
+  prctl (PR_SET_PDEATHSIG, SIGKILL);
+  if (read (go, &c, 1) != 1)
+    _exit (90);
+  h = fleece_new ();
+  if (!h || fleece_set_state_dir (h, vm->state) < 0 || fleece_set_vmid (h, vm->vmid) < 0)
+    _exit (91);
+  if (job == CHILD_CLEANUP) {
+    if (fleece_cleanup (h) < 0) {
+      fprintf (stderr, "child cleanup: %s\n", fleece_get_error ());
+      _exit (92);
+    }
+  } else {
+    if (fleece_connect (h, vm->px->path) < 0 ||
+        fleece_set_storage (h, fleece_storage_new_dir (vm->storage)) < 0 ||
+        fleece_set_bwlimit (h, bwlimit) < 0 ||
+        !(p = fleece_plan (h)) || fleece_attach (h, p) < 0 ||
+        !(t = fleece_target_new_dir (vm->target, "raw")) ||
+        fleece_start (h, p, t) < 0) {
+      fprintf (stderr, "child: %s\n", fleece_get_error ());
+      _exit (93);
+    }
+  }
+  if (write (done, "d", 1) != 1)
+    _exit (94);
+  pause ();
+  _exit (0);
+}
+
+static Child
+child_fork (Vm *vm, ChildJob job, uint64_t bwlimit)
+{
+  int go[2], done[2];
+  Child c;
+
+  ck_assert_int_eq (pipe2 (go, O_CLOEXEC), 0);
+  ck_assert_int_eq (pipe2 (done, O_CLOEXEC), 0);
+  fflush (NULL);
+  c.pid = fork ();
+  ck_assert_int_ge (c.pid, 0);
+  if (c.pid == 0) {
+    close (go[1]);
+    close (done[0]);
+    child_main (vm, job, bwlimit, go[0], done[1]);
+  }
+  close (go[0]);
+  close (done[1]);
+  c.go = go[1];
+  c.done = done[0];
+  return c;
+}
+
+/* Let it run until the proxy kills it or its job is done (then kill it:
+ * the "after the last command" case).  Returns true if the proxy's kill
+ * (or an exit) ended it, false if it finished its job. */
+static bool
+child_run (Child *c)
+{
+  gint64 deadline = g_get_monotonic_time () + CHILD_TIMEOUT_MS * 1000LL;
+  bool finished = false;
+  int status;
+
+  ck_assert_int_eq (write (c->go, "g", 1), 1);
+  for (;;) {
+    struct pollfd pfd = { .fd = c->done, .events = POLLIN };
+    pid_t r = waitpid (c->pid, &status, WNOHANG);
+
+    if (r == c->pid)
+      break;
+    ck_assert_msg (g_get_monotonic_time () < deadline, "the child hangs");
+    if (poll (&pfd, 1, 20) > 0) {
+      char b;
+      if (read (c->done, &b, 1) == 1) {
+        finished = true;
+        kill (c->pid, SIGKILL);
+      }
+    }
+  }
+  close (c->go);
+  close (c->done);
+  ck_assert_msg (WIFSIGNALED (status) && WTERMSIG (status) == SIGKILL,
+                 "the child ended with status 0x%x, not by SIGKILL", status);
+  return !finished;
+}
+
+/* ------------------------------------------------------------------ */
+/* kill -9 after every QMP command                                      */
+/* ------------------------------------------------------------------ */
+
+#define BWLIMIT_SLOW 1024   /* KiB/s: the 2nd 4 MiB of 8 come after 4 s */
+
+static void
+target_clear (Vm *vm)
+{
+  /* Backups of killed runs are incomplete; the next run writes afresh. */
+  empty_dir (vm->target);
+}
+
+/* One run of the setup in a child, faulted by mode at command n. */
+static void
+kill_setup_once (Vm *vm, const char *mode, unsigned n, ProxyEnd *e)
+{
+  Child c = child_fork (vm, CHILD_SETUP, BWLIMIT_SLOW);
+
+  proxy_arm (vm->px, mode, n, c.pid, 0);
+  child_run (&c);
+  proxy_end (vm->px, e);
+}
+
+/* Between two QMP commands the library works locally, and the proxy's
+ * kills land just before or just after that work.  One local step takes
+ * long enough to be hit in the middle: creating the fleecing image, after
+ * which the record does not know its volid yet.  A qemu-img wrapper
+ * creates the image, says so, and then hangs. */
+static void
+kill_during_image_create (Vm *vm)
+{
+  g_autofree char *marker = g_build_filename (vm->dir, "qemu-img.pid", NULL);
+  g_autofree char *wrapper = g_build_filename (vm->dir, "qemu-img-hangs", NULL);
+  g_autofree char *script =
+    g_strdup_printf ("#!/bin/sh\nqemu-img \"$@\" || exit $?\n"
+                     "echo $$ > '%s.tmp' && mv '%s.tmp' '%s'\nexec sleep 60\n",
+                     marker, marker, marker);
+  g_autofree char *pidtext = NULL;
+  gint64 deadline = g_get_monotonic_time () + 30 * G_USEC_PER_SEC;
+  ProxyEnd e = { 0 };
+  Child c;
+
+  ck_assert (g_file_set_contents (wrapper, script, -1, NULL));
+  ck_assert_int_eq (chmod (wrapper, 0755), 0);
+  g_setenv ("FLEECE_QEMU_IMG", wrapper, TRUE);
+  c = child_fork (vm, CHILD_SETUP, BWLIMIT_SLOW);
+  g_unsetenv ("FLEECE_QEMU_IMG");
+  proxy_arm (vm->px, "count", 0, 0, 0);
+  ck_assert_int_eq (write (c.go, "g", 1), 1);
+  while (!g_file_get_contents (marker, &pidtext, NULL, NULL)) {
+    ck_assert_msg (g_get_monotonic_time () < deadline, "qemu-img was not run");
+    g_usleep (10000);
+  }
+  ck_assert_int_eq (kill (c.pid, SIGKILL), 0);
+  waitpid (c.pid, NULL, 0);
+  kill (atoi (pidtext), SIGKILL);
+  close (c.go);
+  close (c.done);
+  proxy_end (vm->px, &e);
+  {
+    g_auto (GStrv) files = tl_list_dir (vm->storage);
+    ck_assert_uint_eq (g_strv_length (files), 1);
+  }
+  recover (vm, "kill -9 while qemu-img creates the fleecing image");
+  assert_restored (vm, "kill -9 while qemu-img creates the fleecing image");
+  proxy_end_clear (&e);
+  g_unlink (marker);
+}
+
+START_TEST (test_kill_setup)
+{
+  Vm *vm = vm_start ();
+  ProxyEnd e = { 0 };
+  g_auto (GStrv) cmds = NULL;
+  unsigned total;
+  static const char *const modes[] = { "send", "reply" };
+  GString *table = g_string_new (NULL);
+
+  vm_proxy (vm);
+  /* Count: the whole setup, then kill -9 mid-backup. */
+  kill_setup_once (vm, "count", 0, &e);
+  total = e.commands;
+  cmds = g_steal_pointer (&e.cmds);
+  ck_assert_uint_ge (total, 10);
+  guest_write_all (vm);
+  recover (vm, "kill after the setup");
+  assert_restored (vm, "kill after the setup");
+  target_clear (vm);
+
+  for (size_t m = 0; m < G_N_ELEMENTS (modes); m++) {
+    for (unsigned n = 1; n <= total; n++) {
+      if (!sampled (n, (unsigned) m))
+        continue;
+      g_autofree char *what = g_strdup_printf ("kill -9 %s command %u (%s)",
+                                               strcmp (modes[m], "send") == 0
+                                                 ? "before" : "after",
+                                               n, cmds[n - 1]);
+      kill_setup_once (vm, modes[m], n, &e);
+      ck_assert_msg (e.fired, "%s: the proxy did not fire (%u commands)", what, e.commands);
+      ck_assert_str_eq (e.at, cmds[n - 1]);
+      /* The guest writes through whatever the dead run left in place. */
+      guest_write_all (vm);
+      recover (vm, what);
+      assert_restored (vm, what);
+      target_clear (vm);
+      g_string_append_printf (table, "%s\n", what);
+    }
+  }
+  kill_during_image_create (vm);
+  fprintf (stderr, "test_kill_setup: %u commands, %u kills, all restored:\n%s"
+           "kill -9 while qemu-img creates the fleecing image\n",
+           total, 2 * total + 2, table->str);
+  g_string_free (table, TRUE);
+  proxy_end_clear (&e);
+  vm_stop (vm);
+}
+END_TEST
+
+/* A running backup set up in this process, its handle freed without a
+ * cleanup (as if the process had gone). */
+static void
+setup_run (Vm *vm, uint64_t bwlimit)
+{
+  struct fleece_handle *h = vm_handle (vm, vm_proxy (vm));
+  struct fleece_plan *p = fleece_plan (h);
+  struct fleece_target *t = fleece_target_new_dir (vm->target, "raw");
+
+  ck_assert_msg (p != NULL, "%s", fleece_get_error ());
+  ck_assert_int_eq (fleece_set_bwlimit (h, bwlimit), 0);
+  ck_assert_msg (fleece_attach (h, p) == 0, "%s", fleece_get_error ());
+  ck_assert_msg (fleece_start (h, p, t) == 0, "%s", fleece_get_error ());
+  fleece_target_free (t);
+  fleece_plan_free (p);
+  fleece_free (h);
+}
+
+/* What a dead process left behind: a running backup, or (paused) a start
+ * killed right after the jobs' transaction, before it let the vCPUs run
+ * again; n_transaction is that command's number in the setup. */
+static void
+leave_run (Vm *vm, bool paused, unsigned n_transaction)
+{
+  ProxyEnd e = { 0 };
+
+  if (!paused) {
+    setup_run (vm, BWLIMIT_SLOW);
+    return;
+  }
+  kill_setup_once (vm, "reply", n_transaction, &e);
+  ck_assert (e.fired && strcmp (e.at, "transaction") == 0);
+  ck_assert (!vm_running (vm));
+  proxy_end_clear (&e);
+}
+
+static void
+kill_cleanup_once (Vm *vm, bool paused, unsigned n_transaction, const char *mode,
+                   unsigned n, ProxyEnd *e)
+{
+  Child c;
+
+  leave_run (vm, paused, n_transaction);
+  c = child_fork (vm, CHILD_CLEANUP, 0);
+  proxy_arm (vm->px, mode, n, c.pid, 0);
+  child_run (&c);
+  proxy_end (vm->px, e);
+}
+
+static void
+kill_cleanup_matrix (Vm *vm, bool paused, unsigned n_transaction)
+{
+  ProxyEnd e = { 0 };
+  g_auto (GStrv) cmds = NULL;
+  g_autofree char *list = NULL;
+  /* A paused run differs from a running one only at the end of its
+   * cleanup (query-status, cont): kills after each command suffice. */
+  static const char *const modes[] = { "reply", "send" };
+  size_t nmodes = paused ? 1 : 2;
+  GString *table = g_string_new (NULL);
+  unsigned total;
+
+  kill_cleanup_once (vm, paused, n_transaction, "count", 0, &e);
+  total = e.commands;
+  cmds = g_steal_pointer (&e.cmds);
+  ck_assert_uint_ge (total, 10);
+  /* The cleanup was complete before the kill. */
+  assert_restored (vm, "a complete cleanup");
+  target_clear (vm);
+
+  for (size_t m = 0; m < nmodes; m++) {
+    for (unsigned n = 1; n <= total; n++) {
+      if (!sampled (n, (unsigned) m + 1))
+        continue;
+      g_autofree char *what =
+        g_strdup_printf ("kill -9 of the cleanup of a %s run %s command %u (%s)",
+                         paused ? "paused" : "running",
+                         strcmp (modes[m], "send") == 0 ? "before" : "after",
+                         n, cmds[n - 1]);
+      kill_cleanup_once (vm, paused, n_transaction, modes[m], n, &e);
+      /* Waiting for the cancelled jobs may take more or fewer polls than
+       * in the counted run: the command at n may differ then. */
+      if (!e.fired)
+        g_string_append_printf (table, "%s: cleanup done in %u commands\n", what, e.commands);
+      else
+        g_string_append_printf (table, "%s: killed at %s\n", what, e.at);
+      guest_write_all (vm);
+      recover (vm, what);
+      assert_restored (vm, what);
+      target_clear (vm);
+    }
+  }
+  list = g_strjoinv (",", cmds);
+  fprintf (stderr, "kill during the cleanup of a %s run: %u commands (%s), all restored:\n%s",
+           paused ? "paused" : "running", total, list, table->str);
+  g_string_free (table, TRUE);
+  proxy_end_clear (&e);
+}
+
+START_TEST (test_kill_cleanup)
+{
+  Vm *vm = vm_start ();
+  ProxyEnd e = { 0 };
+  unsigned n_transaction = 0;
+
+  vm_proxy (vm);
+  kill_setup_once (vm, "count", 0, &e);
+  for (unsigned n = 1; n <= e.commands; n++)
+    if (strcmp (e.cmds[n - 1], "transaction") == 0)
+      n_transaction = n;
+  ck_assert_uint_gt (n_transaction, 0);
+  recover (vm, "kill after the setup");
+  assert_restored (vm, "kill after the setup");
+  target_clear (vm);
+
+  kill_cleanup_matrix (vm, false, n_transaction);
+  kill_cleanup_matrix (vm, true, n_transaction);
+  proxy_end_clear (&e);
+  vm_stop (vm);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* Broken, bad and late replies                                         */
+/* ------------------------------------------------------------------ */
+
+/* A whole run in this process on h (connected to qmp_path here):
+ * connect, plan, attach, start, wait, cleanup.  Returns NULL if it all
+ * worked, else the first error (g_free) with *step the call that failed. */
+static char *
+run_whole (Vm *vm, struct fleece_handle *h, const char *qmp_path, uint64_t bwlimit,
+           const char **step)
+{
+  struct fleece_plan *p = NULL;
+  struct fleece_target *t = fleece_target_new_dir (vm->target, "raw");
+  char *failure = NULL;
+  int r;
+
+  ck_assert_ptr_nonnull (t);
+#define STEP(name, cond) \
+  do { if (!failure && !(cond)) { *step = name; failure = g_strdup (fleece_get_error ()); } } while (0)
+  STEP ("fleece_connect", fleece_connect (h, qmp_path) == 0);
+  if (!failure) {
+    ck_assert_int_eq (fleece_set_storage (h, fleece_storage_new_dir (vm->storage)), 0);
+    ck_assert_int_eq (fleece_set_bwlimit (h, bwlimit), 0);
+  }
+  STEP ("fleece_plan", (p = fleece_plan (h)) != NULL);
+  STEP ("fleece_attach", fleece_attach (h, p) == 0);
+  STEP ("fleece_start", fleece_start (h, p, t) == 0);
+  if (!failure)
+    while ((r = fleece_wait (h, 1000)) == 0)
+      ;
+  STEP ("fleece_wait", r == 1);
+  STEP ("fleece_cleanup", fleece_cleanup (h) == 0);
+#undef STEP
+  fleece_plan_free (p);
+  fleece_target_free (t);
+  return failure;
+}
+
+typedef struct {
+  const char *mode;
+  long arg;
+  const char *expect;   /* in the error message; NULL: the run succeeds */
+} ReplyFault;
+
+static const ReplyFault reply_faults[] = {
+  { "close", 0, "QMP connection closed by QEMU while waiting for the reply to '" },
+  { "truncate", 0, "QMP connection closed by QEMU while waiting for the reply to '" },
+  { "malformed", 0, "malformed JSON from QMP while waiting for the reply to '" },
+  { "oversize", 17, "exceeds the limit of 16777216 bytes" },
+  { "events", 0, NULL },
+  { "delay", 1300, "timed out after 1000 ms while waiting for the reply to '" },
+};
+
+/* The backup in the target dir equals pit, what the disks held at start. */
+static void
+assert_backup (Vm *vm, guint8 **pit, const char *what)
+{
+  for (size_t i = 0; i < NDISKS; i++) {
+    g_autofree char *name = g_strdup_printf ("%s.raw", disks[i].key);
+    g_autofree char *path = g_build_filename (vm->target, name, NULL);
+    uint64_t size = 0;
+    g_autofree guint8 *got = tl_read_image (path, "raw", &size);
+
+    ck_assert_uint_eq (size, disks[i].size);
+    ck_assert_msg (memcmp (got, pit[i], size) == 0, "%s: the backup of %s differs", what,
+                   disks[i].key);
+  }
+}
+
+static void
+reply_fault_once (Vm *vm, const ReplyFault *f, unsigned n, ProxyEnd *e, GString *table)
+{
+  struct fleece_handle *h = vm_handle (vm, NULL);
+  g_autofree char *what = g_strdup_printf ("%s reply %u", f->mode, n);
+  g_autofree char *failure = NULL;
+  g_autofree char *retry = NULL;
+  guint8 *pit[NDISKS];
+  const char *step = NULL;
+
+  for (size_t i = 0; i < NDISKS; i++)
+    pit[i] = g_memdup2 (vm->model[i], disks[i].size);
+  if (strcmp (f->mode, "delay") == 0)
+    ck_assert_int_eq (fleece_set_qmp_timeout (h, 1000), 0);
+  proxy_arm (vm->px, f->mode, n, 0, f->arg);
+  failure = run_whole (vm, h, vm->px->path, 0, &step);
+  /* The fault may have hit cleanup itself: then once more (reconnecting:
+   * only the first connection is faulted). */
+  if (failure && fleece_cleanup (h) != 0)
+    retry = g_strdup (fleece_get_error ());
+  fleece_free (h);
+  proxy_end (vm->px, e);
+  ck_assert_msg (retry == NULL, "%s (%s): cleanup after '%s' failed: %s\n%s", what, e->at,
+                 failure, retry, vm->log->str);
+  if (!e->fired) {
+    /* The run had fewer commands than the counted one. */
+    ck_assert_msg (failure == NULL, "%s: %s", what, failure);
+    g_string_append_printf (table, "%s: not reached (%u commands)\n", what, e->commands);
+  } else if (!failure) {
+    /* Unexpected events change nothing; a lost reply to a command whose
+     * failure is tolerated (job-dismiss) is survived.  Either way a
+     * success must be a real one. */
+    ck_assert_msg (!f->expect || strcmp (e->at, "job-dismiss") == 0,
+                   "%s (%s): the run did not fail", what, e->at);
+    assert_backup (vm, pit, what);
+    g_string_append_printf (table, "%s (%s): backup ok\n", what, e->at);
+  } else {
+    ck_assert_msg (f->expect != NULL, "%s (%s): %s failed: %s\n%s", what, e->at, step,
+                   failure, vm->log->str);
+    /* Clear: the API call, what happened, and to which command. */
+    ck_assert_msg (g_str_has_prefix (failure, step), "%s: '%s' does not start with %s",
+                   what, failure, step);
+    ck_assert_msg (strstr (failure, f->expect), "%s (%s): %s: '%s' lacks '%s'", what,
+                   e->at, step, failure, f->expect);
+    g_string_append_printf (table, "%s (%s): %s\n", what, e->at, failure);
+  }
+  for (size_t i = 0; i < NDISKS; i++)
+    g_free (pit[i]);
+  assert_restored (vm, what);
+  target_clear (vm);
+}
+
+START_TEST (test_reply_faults)
+{
+  Vm *vm = vm_start ();
+  struct fleece_handle *h = vm_handle (vm, NULL);
+  ProxyEnd e = { 0 };
+  g_auto (GStrv) cmds = NULL;
+  const char *step = NULL;
+  g_autofree char *failure = NULL;
+  GString *table = g_string_new (NULL);
+  g_autofree char *list = NULL;
+  unsigned total;
+
+  vm_proxy (vm);
+  proxy_arm (vm->px, "count", 0, 0, 0);
+  failure = run_whole (vm, h, vm->px->path, 0, &step);
+  ck_assert_msg (failure == NULL, "%s: %s", step, failure);
+  fleece_free (h);
+  proxy_end (vm->px, &e);
+  total = e.commands;
+  cmds = g_steal_pointer (&e.cmds);
+  assert_restored (vm, "a whole run");
+  target_clear (vm);
+
+  /* The socket closed at every command.  The other breakages take the
+   * same way out of the library (a broken connection) and differ only in
+   * the reader, which tests/test-qmp.c and the fuzzer cover: one of them
+   * at every other command, in turn, and unexpected events too.  A late
+   * reply matters where a command changed something: at the first of each
+   * such command. */
+  for (unsigned n = 1; n <= total; n++) {
+    const char *cmd = cmds[n - 1];
+    bool first = true;
+
+    for (unsigned i = 1; i < n; i++)
+      first &= strcmp (cmds[i - 1], cmd) != 0;
+    if (sampled (n, 0))
+      reply_fault_once (vm, &reply_faults[0], n, &e, table);
+    if (n % 2 == 0 && sampled (n / 2, 1))
+      reply_fault_once (vm, &reply_faults[1 + (n / 2) % 4], n, &e, table);
+    if (first && (g_str_has_prefix (cmd, "blockdev-") || g_str_has_prefix (cmd, "job-") ||
+                  strcmp (cmd, "qom-set") == 0 || strcmp (cmd, "stop") == 0 ||
+                  strcmp (cmd, "cont") == 0 || strcmp (cmd, "transaction") == 0))
+      reply_fault_once (vm, &reply_faults[5], n, &e, table);
+  }
+  list = g_strjoinv (",", cmds);
+  fprintf (stderr, "test_reply_faults: %u commands (%s):\n%s", total, list, table->str);
+  g_string_free (table, TRUE);
+  proxy_end_clear (&e);
+  vm_stop (vm);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* QEMU, the storage and the target failing                             */
+/* ------------------------------------------------------------------ */
+
+/* Flush what the guest wrote, as a guest does before it counts on it. */
+static void
+guest_flush (Vm *vm)
+{
+  for (size_t i = 0; i < NDISKS; i++)
+    tl_guest_io (vm->q, disk_qdev (&disks[i]), "flush");
+}
+
+static void
+kill_qemu (Vm *vm)
+{
+  gint64 deadline = g_get_monotonic_time () + 10 * G_USEC_PER_SEC;
+
+  ck_assert_int_eq (kill (vm->q->pid, SIGKILL), 0);
+  while (tl_qemu_alive (vm->q))
+    ck_assert_msg (g_get_monotonic_time () < deadline, "QEMU does not die");
+}
+
+/* The disks hold what the guest wrote (read while QEMU is gone). */
+static void
+assert_disks (Vm *vm, const char *what)
+{
+  for (size_t i = 0; i < NDISKS; i++) {
+    uint64_t size = 0;
+    g_autofree guint8 *now = tl_read_image (vm->paths[i], disks[i].format, &size);
+
+    ck_assert_uint_eq (size, disks[i].size);
+    ck_assert_msg (memcmp (now, vm->model[i], size) == 0, "%s: %s lost guest writes", what,
+                   disks[i].key);
+  }
+}
+
+static void
+assert_nothing_kept (Vm *vm, const char *what)
+{
+  g_auto (GStrv) files = tl_list_dir (vm->storage);
+  g_autofree char *record = g_strdup_printf ("%s/%u.json", vm->state, vm->vmid);
+
+  ck_assert_msg (g_strv_length (files) == 0, "%s: storage holds %s", what, files[0]);
+  ck_assert_msg (!g_file_test (record, G_FILE_TEST_EXISTS), "%s: the record is left", what);
+}
+
+/* QEMU killed after attach (the library finds out at start) and mid-backup
+ * (at wait); cleanup frees the images and removes the record.  The second
+ * time the library's process is gone too: a fresh handle recovers. */
+START_TEST (test_qemu_killed)
+{
+  for (int mid = 0; mid < 2; mid++) {
+    Vm *vm = vm_start ();
+    struct fleece_handle *h = vm_handle (vm, vm->q->qmp_path);
+    struct fleece_plan *p = fleece_plan (h);
+    struct fleece_target *t = fleece_target_new_dir (vm->target, "raw");
+    const char *what = mid ? "QEMU killed mid-backup" : "QEMU killed after attach";
+
+    ck_assert_int_eq (fleece_set_bwlimit (h, BWLIMIT_SLOW), 0);
+    ck_assert_int_eq (fleece_attach (h, p), 0);
+    if (mid) {
+      ck_assert_int_eq (fleece_start (h, p, t), 0);
+      ck_assert_int_eq (fleece_wait (h, 200), 0);
+    }
+    guest_write_all (vm);
+    guest_flush (vm);
+    kill_qemu (vm);
+    if (mid) {
+      ck_assert_int_eq (fleece_wait (h, 10000), -1);
+      ck_assert_msg (strstr (fleece_get_error (), "fleece_wait: lost track of the backup of VM 100: "
+                             "QMP connection closed by QEMU"), "%s", fleece_get_error ());
+      ck_assert_msg (fleece_cleanup (h) == 0, "%s: %s", what, fleece_get_error ());
+    } else {
+      ck_assert_int_eq (fleece_start (h, p, t), -1);
+      ck_assert_msg (strstr (fleece_get_error (), "fleece_start: QMP connection closed by QEMU"),
+                     "%s", fleece_get_error ());
+      fleece_free (h);
+      h = NULL;
+      recover (vm, what);
+    }
+    ck_assert_msg (strstr (vm->log->str, "is gone"), "%s: %s", what, vm->log->str);
+    assert_nothing_kept (vm, what);
+    assert_disks (vm, what);
+    fleece_target_free (t);
+    fleece_plan_free (p);
+    fleece_free (h);
+    vm_stop (vm);
+  }
+}
+END_TEST
+
+/* A failed test ends with _exit() before its umount: a guard process (out
+ * of the process group Check kills) detaches the mount once the test
+ * process is gone, so that no tmpfs outlives a failure. */
+static void
+unmount_when_gone (const char *dir)
+{
+  int fds[2];
+  pid_t pid;
+
+  ck_assert_int_eq (pipe2 (fds, O_CLOEXEC), 0);
+  pid = fork ();
+  ck_assert_int_ge (pid, 0);
+  if (pid == 0) {
+    int null = open ("/dev/null", O_RDWR);
+    char c;
+
+    /* Hold nothing of the test's: not its output, sockets or pipes. */
+    setsid ();
+    if (null < 0 || dup2 (fds[0], 3) < 0 || dup2 (null, 0) < 0 || dup2 (null, 1) < 0 ||
+        dup2 (null, 2) < 0)
+      _exit (1);
+    close_range (4, ~0U, 0);
+    while (read (3, &c, 1) < 0 && errno == EINTR)
+      ;
+    umount2 (dir, MNT_DETACH);
+    _exit (0);
+  }
+  /* The write end stays open as long as this process lives. */
+  close (fds[0]);
+}
+
+static void
+mount_tmpfs (const char *dir, const char *size)
+{
+  g_autofree char *opts = g_strdup_printf ("size=%s,mode=0700", size);
+
+  ck_assert_msg (mount ("tmpfs", dir, "tmpfs", 0, opts) == 0,
+                 "mount tmpfs on %s: %s (the qemu suite runs as root)", dir, g_strerror (errno));
+  unmount_when_gone (dir);
+}
+
+/* The fleecing storage runs full: mid-backup (the guest overwrites more
+ * than it holds) and at attach (not even the image fits). */
+START_TEST (test_storage_full)
+{
+  Vm *vm = vm_start ();
+  struct fleece_handle *h;
+  struct fleece_plan *p;
+  struct fleece_target *t = fleece_target_new_dir (vm->target, "raw");
+  int r;
+
+  /* Room for the qcow2 metadata, not for 4 MiB of old data. */
+  mount_tmpfs (vm->storage, "1m");
+  h = vm_handle (vm, vm->q->qmp_path);
+  ck_assert_int_eq (fleece_set_bwlimit (h, BWLIMIT_SLOW), 0);
+  p = fleece_plan (h);
+  ck_assert_int_eq (fleece_attach (h, p), 0);
+  ck_assert_msg (fleece_start (h, p, t) == 0, "%s", fleece_get_error ());
+  /* Ahead of the backup cursor; the guest's write must succeed. */
+  guest_write (vm, FLEECED, 4 * MiB, 4 * MiB);
+  while ((r = fleece_wait (h, 1000)) == 0)
+    ;
+  ck_assert_int_eq (r, -1);
+  ck_assert_msg (strstr (fleece_get_error (), "fleece_wait: backup of scsi0 failed: copying old "
+                         "data to the fleecing image vm-100-fleece-0.qcow2 failed or took longer "
+                         "than the cbw-timeout of 45 s, so the snapshot broke; the fleecing "
+                         "storage is full or too slow") &&
+                 strstr (fleece_get_error (), "The guest's writes were not affected"),
+                 "%s", fleece_get_error ());
+  fprintf (stderr, "test_storage_full: mid-backup: %s\n", fleece_get_error ());
+  ck_assert_msg (fleece_cleanup (h) == 0, "%s", fleece_get_error ());
+  assert_restored (vm, "fleecing storage full mid-backup");
+  target_clear (vm);
+  fleece_plan_free (p);
+  fleece_free (h);
+  ck_assert_int_eq (umount (vm->storage), 0);
+
+  /* Not even the image's metadata fits. */
+  mount_tmpfs (vm->storage, "64k");
+  h = vm_handle (vm, vm->q->qmp_path);
+  p = fleece_plan (h);
+  ck_assert_int_eq (fleece_attach (h, p), -1);
+  ck_assert_msg (g_str_has_prefix (fleece_get_error (), "fleece_attach: ") &&
+                 strstr (fleece_get_error (), "vm-100-fleece-0.qcow2") &&
+                 strstr (fleece_get_error (), "No space left on device"),
+                 "%s", fleece_get_error ());
+  fprintf (stderr, "test_storage_full: at attach: %s\n", fleece_get_error ());
+  assert_restored (vm, "fleecing storage full at attach");
+  fleece_plan_free (p);
+  fleece_free (h);
+  ck_assert_int_eq (umount (vm->storage), 0);
+
+  fleece_target_free (t);
+  vm_stop (vm);
+}
+END_TEST
+
+/* ---- a slow fleecing storage: images behind a throttled FUSE export --- */
+
+/* A caller's storage whose images are files exported by
+ * qemu-storage-daemon through FUSE behind a throttle group: QEMU opens a
+ * regular file, and writes to it pass at one request per second.
+ *
+ * Throttled by requests, not bytes: the throttle filter counts a discard
+ * as a write of its length, and the FUSE export serves one request at a
+ * time, so a byte limit turns the backup's 4 MiB discards into a minute
+ * during which QEMU's main loop waits in a synchronous lseek() on the
+ * file (seen: query-jobs answered after 61 s).  See docs/reliability.md. */
+typedef struct {
+  char *dir;
+  GHashTable *daemons;   /* volid -> GPid */
+} SlowStorage;
+
+static void
+qsd_setup (gpointer data)
+{
+  prctl (PR_SET_PDEATHSIG, SIGTERM);
+}
+
+static int
+slow_alloc (void *opaque, const char *name, const char *format, uint64_t size, char **volid)
+{
+  SlowStorage *s = opaque;
+  g_autofree char *backing = g_strdup_printf ("%s/backing-%s", s->dir, name);
+  g_autofree char *mnt = g_strdup_printf ("%s/%s", s->dir, name);
+  g_autofree char *fblk = g_strdup_printf ("driver=file,filename=%s,node-name=f", backing);
+  g_autofree char *exp = g_strdup_printf ("type=fuse,id=e,node-name=t,mountpoint=%s,writable=on", mnt);
+  const char *argv[] = { "qemu-storage-daemon",
+                         "--object", "throttle-group,id=tg,x-iops-write=1",
+                         "--blockdev", fblk,
+                         "--blockdev", "driver=throttle,throttle-group=tg,file=f,node-name=t",
+                         "--export", exp, NULL };
+  struct stat dst, mst;
+  GPid pid;
+  int fd;
+
+  if (strcmp (format, "raw") != 0)
+    return -1;
+  fd = open (backing, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
+  if (fd < 0 || ftruncate (fd, (off_t) size) != 0)
+    return -1;
+  close (fd);
+  fd = open (mnt, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
+  if (fd < 0)
+    return -1;
+  close (fd);
+  if (!g_spawn_async (NULL, (char **) argv, NULL,
+                      G_SPAWN_SEARCH_PATH | G_SPAWN_DO_NOT_REAP_CHILD, qsd_setup, NULL,
+                      &pid, NULL))
+    return -1;
+  /* Mounted once the file lives on another device. */
+  stat (s->dir, &dst);
+  for (int i = 0; i < 500; i++) {
+    if (stat (mnt, &mst) == 0 && mst.st_dev != dst.st_dev && (uint64_t) mst.st_size == size)
+      break;
+    g_usleep (10000);
+  }
+  g_hash_table_insert (s->daemons, g_strdup (name), GINT_TO_POINTER (pid));
+  *volid = strdup (name);
+  return 0;
+}
+
+static int
+slow_free (void *opaque, const char *volid)
+{
+  SlowStorage *s = opaque;
+  gpointer key, pid;
+  g_autofree char *backing = g_strdup_printf ("%s/backing-%s", s->dir, volid);
+  g_autofree char *mnt = g_strdup_printf ("%s/%s", s->dir, volid);
+
+  if (g_hash_table_steal_extended (s->daemons, volid, &key, &pid)) {
+    g_free (key);
+    kill (GPOINTER_TO_INT (pid), SIGTERM);
+    waitpid (GPOINTER_TO_INT (pid), NULL, 0);
+    g_spawn_close_pid (GPOINTER_TO_INT (pid));
+  }
+  umount2 (mnt, MNT_DETACH);   /* if the daemon could not */
+  g_unlink (mnt);
+  g_unlink (backing);
+  return 0;
+}
+
+static char *
+slow_path (void *opaque, const char *volid)
+{
+  SlowStorage *s = opaque;
+  return g_strdup_printf ("%s/%s", s->dir, volid);
+}
+
+/* The fleecing storage is slower than the cbw-timeout: the guest's write
+ * waits at most that long and succeeds, the backup fails and says why. */
+START_TEST (test_storage_slow)
+{
+  Vm *vm;
+  struct fleece_handle *h;
+  struct fleece_plan *p;
+  struct fleece_target *t;
+  SlowStorage slow;
+  gint64 t0, waited;
+  int r;
+
+  if (!g_file_test ("/dev/fuse", G_FILE_TEST_EXISTS)) {
+    /* Not a dependency that can be installed in a container without it. */
+    fprintf (stderr, "test_storage_slow: SKIPPED: no /dev/fuse for the throttled storage\n");
+    return;
+  }
+  vm = vm_start ();
+  slow.dir = g_build_filename (vm->dir, "slow", NULL);
+  slow.daemons = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
+  ck_assert_int_eq (g_mkdir (slow.dir, 0700), 0);
+  t = fleece_target_new_dir (vm->target, "raw");
+  h = vm_handle (vm, vm->q->qmp_path);
+  ck_assert_int_eq (fleece_set_storage (h, fleece_storage_new_callback (FLEECE_STORAGE_PATH,
+                                                                        slow_alloc, slow_free,
+                                                                        slow_path, &slow, NULL)),
+                    0);
+  ck_assert_int_eq (fleece_set_cbw_timeout (h, 1), 0);
+  ck_assert_int_eq (fleece_set_bwlimit (h, 2048), 0);
+  p = fleece_plan (h);
+  ck_assert_msg (p != NULL, "%s", fleece_get_error ());
+  ck_assert_str_eq (fleece_plan_get_image (p, FLEECED), "vm-100-fleece-0.raw");
+  ck_assert_msg (fleece_attach (h, p) == 0, "%s", fleece_get_error ());
+  ck_assert_msg (fleece_start (h, p, t) == 0, "%s", fleece_get_error ());
+
+  /* 4 MiB of old data go to the image in 1 MiB requests, one a second:
+   * the copy times out after 1 s and the write goes on. */
+  t0 = g_get_monotonic_time ();
+  guest_write (vm, FLEECED, 4 * MiB, 4 * MiB);
+  waited = (g_get_monotonic_time () - t0) / 1000;
+  ck_assert_msg (waited < 3500, "the guest's write waited %" G_GINT64_FORMAT " ms", waited);
+  while ((r = fleece_wait (h, 1000)) == 0)
+    ;
+  ck_assert_int_eq (r, -1);
+  ck_assert_msg (strstr (fleece_get_error (), "backup of scsi0 failed: copying old data to the "
+                         "fleecing image vm-100-fleece-0.raw failed or took longer than the "
+                         "cbw-timeout of 1 s, so the snapshot broke; the fleecing storage is "
+                         "full or too slow") &&
+                 strstr (fleece_get_error (), "The guest's writes were not affected"),
+                 "%s\n%s", fleece_get_error (), vm->log->str);
+  ck_assert_msg (fleece_cleanup (h) == 0, "%s", fleece_get_error ());
+  {
+    g_auto (GStrv) left = tl_list_dir (slow.dir);
+    ck_assert_msg (g_strv_length (left) == 0, "slow storage holds %s", left[0]);
+  }
+  fprintf (stderr, "test_storage_slow: the guest's write waited %" G_GINT64_FORMAT " ms\n",
+           waited);
+  assert_restored (vm, "fleecing storage too slow");
+  fleece_plan_free (p);
+  fleece_target_free (t);
+  fleece_free (h);
+  ck_assert_uint_eq (g_hash_table_size (slow.daemons), 0);
+  g_hash_table_unref (slow.daemons);
+  g_free (slow.dir);
+  vm_stop (vm);
+}
+END_TEST
+
+/* The backup target goes away mid-backup (its NBD server is killed). */
+START_TEST (test_target_gone)
+{
+  Vm *vm = vm_start ();
+  struct fleece_handle *h = vm_handle (vm, vm->q->qmp_path);
+  struct fleece_plan *p = fleece_plan (h);
+  g_autofree char *sock = g_build_filename (vm->dir, "nbd.sock", NULL);
+  g_autofree char *uri = g_strdup_printf ("nbd+unix:///?socket=%s", sock);
+  g_autoptr (GPtrArray) argv = g_ptr_array_new_with_free_func (g_free);
+  struct fleece_target *t;
+  GPid qsd;
+  int r;
+
+  g_ptr_array_add (argv, g_strdup ("qemu-storage-daemon"));
+  g_ptr_array_add (argv, g_strdup ("--nbd-server"));
+  g_ptr_array_add (argv, g_strdup_printf ("addr.type=unix,addr.path=%s", sock));
+  for (size_t i = 0; i < NDISKS; i++) {
+    g_autofree char *file = g_strdup_printf ("%s/%s.raw", vm->target, disks[i].key);
+    int fd = open (file, O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
+
+    ck_assert (fd >= 0 && ftruncate (fd, (off_t) disks[i].size) == 0);
+    close (fd);
+    g_ptr_array_add (argv, g_strdup ("--blockdev"));
+    g_ptr_array_add (argv, g_strdup_printf ("driver=file,filename=%s,node-name=n%zu", file, i));
+    g_ptr_array_add (argv, g_strdup ("--export"));
+    g_ptr_array_add (argv, g_strdup_printf ("type=nbd,id=e%zu,node-name=n%zu,name=%s,writable=on",
+                                            i, i, disks[i].key));
+  }
+  g_ptr_array_add (argv, NULL);
+  ck_assert (g_spawn_async (NULL, (char **) argv->pdata, NULL,
+                            G_SPAWN_SEARCH_PATH | G_SPAWN_DO_NOT_REAP_CHILD, qsd_setup, NULL,
+                            &qsd, NULL));
+  for (int i = 0; i < 500 && !g_file_test (sock, G_FILE_TEST_EXISTS); i++)
+    g_usleep (10000);
+
+  t = fleece_target_new_nbd (uri);
+  ck_assert_int_eq (fleece_set_bwlimit (h, BWLIMIT_SLOW), 0);
+  ck_assert_int_eq (fleece_attach (h, p), 0);
+  ck_assert_msg (fleece_start (h, p, t) == 0, "%s", fleece_get_error ());
+  ck_assert_int_eq (fleece_wait (h, 500), 0);
+  kill (qsd, SIGKILL);
+  waitpid (qsd, NULL, 0);
+  g_spawn_close_pid (qsd);
+  guest_write_all (vm);
+  while ((r = fleece_wait (h, 1000)) == 0)
+    ;
+  ck_assert_int_eq (r, -1);
+  ck_assert_msg (strstr (fleece_get_error (), "fleece_wait: backup of scsi0 failed: "),
+                 "%s", fleece_get_error ());
+  fprintf (stderr, "test_target_gone: %s\n", fleece_get_error ());
+  ck_assert_msg (fleece_cleanup (h) == 0, "%s", fleece_get_error ());
+  assert_restored (vm, "backup target gone");
+  target_clear (vm);
+  fleece_target_free (t);
+  fleece_plan_free (p);
+  fleece_free (h);
+  vm_stop (vm);
+}
+END_TEST
+
+/* fleece_cancel() in every phase: refused where nothing runs, effective
+ * where a backup runs, and a cleanup afterwards leaves nothing. */
+START_TEST (test_cancel_phases)
+{
+  Vm *vm = vm_start ();
+  struct fleece_handle *h = vm_handle (vm, NULL);
+  struct fleece_plan *p;
+  struct fleece_target *t = fleece_target_new_dir (vm->target, "raw");
+  int r;
+
+#define ASSERT_REFUSED() \
+  do { \
+    ck_assert_int_eq (fleece_cancel (h), -1); \
+    ck_assert_int_eq (fleece_get_errno (), EINVAL); \
+    ck_assert_str_eq (fleece_get_error (), "fleece_cancel: no backup is running"); \
+  } while (0)
+
+  ASSERT_REFUSED ();                    /* not connected */
+  ck_assert_int_eq (fleece_connect (h, vm->q->qmp_path), 0);
+  ck_assert_int_eq (fleece_set_storage (h, fleece_storage_new_dir (vm->storage)), 0);
+  ASSERT_REFUSED ();                    /* connected */
+  p = fleece_plan (h);
+  ASSERT_REFUSED ();                    /* planned */
+  ck_assert_int_eq (fleece_set_bwlimit (h, BWLIMIT_SLOW), 0);
+  ck_assert_int_eq (fleece_attach (h, p), 0);
+  ASSERT_REFUSED ();                    /* attached: nothing runs yet */
+  ck_assert_int_eq (fleece_start (h, p, t), 0);
+  /* Right after start, twice. */
+  ck_assert_int_eq (fleece_cancel (h), 0);
+  ck_assert_int_eq (fleece_cancel (h), 0);
+  while ((r = fleece_wait (h, 1000)) == 0)
+    ;
+  ck_assert_int_eq (r, -1);
+  ck_assert_int_eq (fleece_get_errno (), ECANCELED);
+  ck_assert_str_eq (fleece_get_error (), "fleece_wait: the backup of VM 100 was cancelled");
+  ASSERT_REFUSED ();                    /* ended */
+  ck_assert_int_eq (fleece_cleanup (h), 0);
+  assert_restored (vm, "cancel right after start");
+  ASSERT_REFUSED ();                    /* cleaned up */
+  target_clear (vm);
+
+  /* Mid-backup, with the guest writing.  The plan of the first run serves
+   * again: its results must not be taken for this run's (they were, and
+   * fleece_wait() reported success while the jobs still ran). */
+  ck_assert_int_eq (fleece_attach (h, p), 0);
+  ck_assert_int_eq (fleece_start (h, p, t), 0);
+  ck_assert_int_eq (fleece_wait (h, 1500), 0);
+  guest_write_all (vm);
+  ck_assert_int_eq (fleece_cancel (h), 0);
+  while ((r = fleece_wait (h, 1000)) == 0)
+    ;
+  ck_assert_int_eq (r, -1);
+  ck_assert_int_eq (fleece_get_errno (), ECANCELED);
+  ck_assert_int_eq (fleece_cleanup (h), 0);
+  assert_restored (vm, "cancel mid-backup");
+  target_clear (vm);
+
+  /* Cleanup of a running backup without waiting: it cancels. */
+  ck_assert_int_eq (fleece_attach (h, p), 0);
+  ck_assert_int_eq (fleece_start (h, p, t), 0);
+  ck_assert_int_eq (fleece_cancel (h), 0);
+  ck_assert_int_eq (fleece_cleanup (h), 0);
+  assert_restored (vm, "cancel, then cleanup without wait");
+  target_clear (vm);
+  fleece_plan_free (p);
+  fleece_free (h);
+
+  /* After the jobs ended but before fleece_wait saw it: the backup is
+   * complete, yet the caller asked to cancel, so it is reported
+   * cancelled; nothing is left either way. */
+  h = vm_handle (vm, vm->q->qmp_path);
+  p = fleece_plan (h);
+  ck_assert_int_eq (fleece_attach (h, p), 0);
+  ck_assert_int_eq (fleece_start (h, p, t), 0);
+  for (int i = 0; i < 500; i++) {
+    json_object *jobs = tl_qmp (vm->q, "query-jobs", NULL);
+    size_t concluded = 0;
+
+    for (size_t j = 0; j < json_object_array_length (jobs); j++) {
+      json_object *st;
+      if (json_object_object_get_ex (json_object_array_get_idx (jobs, j), "status", &st) &&
+          strcmp (json_object_get_string (st), "concluded") == 0)
+        concluded++;
+    }
+    json_object_put (jobs);
+    if (concluded == NDISKS)
+      break;
+    g_usleep (20000);
+  }
+  ck_assert_int_eq (fleece_cancel (h), 0);
+  while ((r = fleece_wait (h, 1000)) == 0)
+    ;
+  ck_assert_int_eq (r, -1);
+  ck_assert_int_eq (fleece_get_errno (), ECANCELED);
+  ck_assert_int_eq (fleece_cleanup (h), 0);
+  assert_restored (vm, "cancel after the jobs ended");
+  target_clear (vm);
+#undef ASSERT_REFUSED
+  fleece_target_free (t);
+  fleece_plan_free (p);
+  fleece_free (h);
+  vm_stop (vm);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* Bad input on a real QEMU                                             */
+/* ------------------------------------------------------------------ */
+
+/* A QEMU without a feature fleecing needs: the proxy hides it in
+ * query-qmp-schema.  Required ones fail the plan, before anything is
+ * touched; optional ones warn and the backup works without them. */
+START_TEST (test_missing_features)
+{
+  Vm *vm = vm_start ();
+  static const struct { const char *name, *expect; } required[] = {
+    { "copy-before-write", "lacks the copy-before-write driver" },
+    { "snapshot-access", "lacks the snapshot-access driver" },
+    { "cbw-timeout", "lacks copy-before-write's on-cbw-error/cbw-timeout" },
+    { "on-cbw-error", "lacks copy-before-write's on-cbw-error/cbw-timeout" },
+  };
+  static const struct { const char *name, *expect; } optional[] = {
+    { "discard-source", "lacks blockdev-backup discard-source" },
+    { "min-cluster-size", "lacks backup x-perf.min-cluster-size" },
+  };
+
+  vm_proxy (vm);
+  for (size_t i = 0; i < G_N_ELEMENTS (required); i++) {
+    struct fleece_handle *h;
+
+    proxy_cmd (vm->px, "masked", "mask %s", required[i].name);
+    h = vm_handle (vm, vm->px->path);
+    ck_assert_ptr_null (fleece_plan (h));
+    ck_assert_int_eq (fleece_get_errno (), ENOTSUP);
+    ck_assert_msg (g_str_has_prefix (fleece_get_error (), "fleece_plan: QEMU 10.") &&
+                   strstr (fleece_get_error (), required[i].expect),
+                   "%s: %s", required[i].name, fleece_get_error ());
+    fleece_free (h);
+    assert_restored (vm, required[i].name);
+  }
+  for (size_t i = 0; i < G_N_ELEMENTS (optional); i++) {
+    struct fleece_handle *h = vm_handle (vm, NULL);
+    const char *step = NULL;
+    g_autofree char *failure = NULL;
+    guint8 *pit[NDISKS];
+
+    for (size_t j = 0; j < NDISKS; j++)
+      pit[j] = g_memdup2 (vm->model[j], disks[j].size);
+    proxy_cmd (vm->px, "masked", "mask %s", optional[i].name);
+    failure = run_whole (vm, h, vm->px->path, 0, &step);
+    ck_assert_msg (failure == NULL, "%s: %s: %s", optional[i].name, step, failure);
+    ck_assert_msg (strstr (vm->log->str, optional[i].expect), "%s: %s", optional[i].name,
+                   vm->log->str);
+    fleece_free (h);
+    assert_backup (vm, pit, optional[i].name);
+    assert_restored (vm, optional[i].name);
+    target_clear (vm);
+    for (size_t j = 0; j < NDISKS; j++)
+      g_free (pit[j]);
+  }
+  proxy_cmd (vm->px, "unmasked", "unmask");
+  vm_stop (vm);
+}
+END_TEST
+
+/* Paths with commas, quotes, spaces, a newline and a colon for the state
+ * dir, the storage, the target and the QMP socket: a whole run, and a
+ * recovery from the record after kill -9. */
+START_TEST (test_odd_paths)
+{
+  Vm *vm = vm_start ();
+  g_autofree char *odd = g_build_filename (vm->dir, "a,b \"c\" 'd'\ne:f", NULL);
+  g_autofree char *sock = NULL;
+  struct fleece_handle *h;
+  const char *step = NULL;
+  g_autofree char *failure = NULL;
+  guint8 *pit[NDISKS];
+  ProxyEnd e = { 0 };
+
+  ck_assert_int_eq (g_mkdir (odd, 0700), 0);
+  g_free (vm->storage);
+  g_free (vm->target);
+  g_free (vm->state);
+  vm->storage = g_build_filename (odd, "st,orage=x", NULL);
+  vm->target = g_build_filename (odd, "tar get\"", NULL);
+  vm->state = g_build_filename (odd, "sta\nte", NULL);
+  ck_assert_int_eq (g_mkdir (vm->storage, 0700), 0);
+  ck_assert_int_eq (g_mkdir (vm->target, 0700), 0);
+  sock = g_build_filename (odd, "q,m p.sock", NULL);
+  vm->px = proxy_start (vm->q->qmp_path, sock);
+
+  for (size_t j = 0; j < NDISKS; j++)
+    pit[j] = g_memdup2 (vm->model[j], disks[j].size);
+  h = vm_handle (vm, NULL);
+  failure = run_whole (vm, h, sock, 0, &step);
+  ck_assert_msg (failure == NULL, "%s: %s\n%s", step, failure, vm->log->str);
+  fleece_free (h);
+  assert_backup (vm, pit, "odd paths");
+  assert_restored (vm, "odd paths");
+  target_clear (vm);
+  for (size_t j = 0; j < NDISKS; j++)
+    g_free (pit[j]);
+
+  kill_setup_once (vm, "count", 0, &e);
+  recover (vm, "odd paths, kill -9");
+  assert_restored (vm, "odd paths, kill -9");
+  proxy_end_clear (&e);
+  vm_stop (vm);
+}
+END_TEST
+
+/* A record that cannot be trusted stops attach before anything is
+ * touched, with a message that says which record and what to do. */
+START_TEST (test_bad_record_attach)
+{
+  Vm *vm = vm_start ();
+  g_autofree char *path = g_strdup_printf ("%s/%d.json", vm->state, VMID);
+  static const struct { const char *content, *expect; } bad[] = {
+    { "{\"version\": 1, \"vmid\": 1", "its JSON is incomplete (truncated?)" },
+    { "\x7f" "ELF\x02\x01", "it is not JSON" },
+    { "{\"version\": 1, \"vmid\": 101, \"engine\": \"qemu\", \"drives\": []}\n",
+      "it is the record of VM 101, not of VM 100" },
+    { "[]", "it is a JSON array, not an object" },
+  };
+
+  ck_assert_int_eq (g_mkdir (vm->state, 0700), 0);
+  for (size_t i = 0; i < G_N_ELEMENTS (bad); i++) {
+    struct fleece_handle *h = vm_handle (vm, vm->q->qmp_path);
+    struct fleece_plan *p = fleece_plan (h);
+    g_autofree char *after = NULL;
+
+    ck_assert (g_file_set_contents (path, bad[i].content, -1, NULL));
+    ck_assert_int_eq (fleece_attach (h, p), -1);
+    ck_assert_int_eq (fleece_get_errno (), EBADMSG);
+    ck_assert_msg (g_str_has_prefix (fleece_get_error (), "fleece_attach: record ") &&
+                   strstr (fleece_get_error (), bad[i].expect) &&
+                   strstr (fleece_get_error (), "; remove ") &&
+                   strstr (fleece_get_error (), "after checking nothing of VM 100 is attached"),
+                   "%s", fleece_get_error ());
+    /* Left for the operator, unchanged. */
+    ck_assert (g_file_get_contents (path, &after, NULL, NULL));
+    ck_assert_str_eq (after, bad[i].content);
+    ck_assert_int_eq (fleece_cleanup (h), -1);
+    ck_assert_int_eq (fleece_get_errno (), EBADMSG);
+    g_unlink (path);
+    fleece_plan_free (p);
+    fleece_free (h);
+    assert_restored (vm, bad[i].expect);
+  }
+  vm_stop (vm);
+}
+END_TEST
+
+/* The record store fails (e.g. its disk is full) at every write in turn:
+ * the call that needed it fails clearly, or the run goes on where the
+ * record only tracks progress; cleanup always leaves nothing. */
+typedef struct {
+  char *json;
+  unsigned stores;
+  unsigned fail_at;
+} MemRecord;
+
+static int
+mem_load (void *opaque, uint32_t vmid, char **json)
+{
+  MemRecord *m = opaque;
+
+  *json = m->json ? strdup (m->json) : NULL;
+  return 0;
+}
+
+static int
+mem_store (void *opaque, uint32_t vmid, const char *json)
+{
+  MemRecord *m = opaque;
+
+  if (++m->stores == m->fail_at) {
+    errno = ENOSPC;
+    return -1;
+  }
+  g_free (m->json);
+  m->json = g_strdup (json);
+  return 0;
+}
+
+START_TEST (test_record_store_fails)
+{
+  Vm *vm = vm_start ();
+  GString *table = g_string_new (NULL);
+  unsigned total = 0;
+
+  for (unsigned k = 1;; k++) {
+    MemRecord m = { .fail_at = k };
+    struct fleece_handle *h = vm_handle (vm, NULL);
+    const char *step = NULL;
+    g_autofree char *failure = NULL;
+    g_autofree char *what = g_strdup_printf ("record store %u fails", k);
+    guint8 *pit[NDISKS];
+
+    for (size_t j = 0; j < NDISKS; j++)
+      pit[j] = g_memdup2 (vm->model[j], disks[j].size);
+    ck_assert_int_eq (fleece_set_record_callback (h, mem_load, mem_store, &m), 0);
+    failure = run_whole (vm, h, vm->q->qmp_path, 0, &step);
+    if (failure) {
+      ck_assert_msg (g_str_has_prefix (failure, step) &&
+                     strstr (failure, "the record store callback failed to") &&
+                     strstr (failure, "No space left on device"), "%s: %s", what, failure);
+      g_string_append_printf (table, "%s: %s\n", what, failure);
+      ck_assert_msg (fleece_cleanup (h) == 0, "%s: %s", what, fleece_get_error ());
+    } else {
+      assert_backup (vm, pit, what);
+      g_string_append_printf (table, "%s: %s\n", what,
+                              m.stores >= k ? "tolerated, backup ok" : "not reached");
+    }
+    ck_assert_msg (m.json == NULL, "%s: the record is left: %s", what, m.json);
+    fleece_free (h);
+    for (size_t j = 0; j < NDISKS; j++)
+      g_free (pit[j]);
+    assert_restored (vm, what);
+    target_clear (vm);
+    if (m.stores < k) {
+      total = m.stores;
+      break;
+    }
+  }
+  fprintf (stderr, "test_record_store_fails: %u record writes:\n%s", total, table->str);
+  g_string_free (table, TRUE);
+  vm_stop (vm);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* Concurrency                                                          */
+/* ------------------------------------------------------------------ */
+
+/* A second run on the same VM is refused while another process holds
+ * one, and touches nothing; once that process is gone, recovery works. */
+START_TEST (test_second_run_refused)
+{
+  g_autofree char *dir = tl_tmpdir_new ("qmp2");
+  g_autofree char *qmp2 = g_build_filename (dir, "qmp2.sock", NULL);
+  g_autofree char *opt = g_strdup_printf ("unix:%s,server=on,wait=off", qmp2);
+  const char *extra[] = { "-qmp", opt, NULL };
+  Vm *vm = vm_start_full (extra, true);
+  Child c;
+  struct fleece_handle *h;
+  struct fleece_plan *p;
+  g_auto (GStrv) during = NULL;
+  g_auto (GStrv) after = NULL;
+  char b;
+  int status;
+
+  vm_proxy (vm);
+  c = child_fork (vm, CHILD_SETUP, BWLIMIT_SLOW);
+  ck_assert_int_eq (write (c.go, "g", 1), 1);
+  ck_assert_int_eq (read (c.done, &b, 1), 1);
+  during = tl_node_names (vm->q);
+
+  h = vm_handle (vm, qmp2);
+  p = fleece_plan (h);
+  ck_assert_ptr_nonnull (p);
+  ck_assert_int_eq (fleece_attach (h, p), -1);
+  ck_assert_int_eq (fleece_get_errno (), EBUSY);
+  ck_assert_msg (strstr (fleece_get_error (), "fleece_attach: another run holds the lock for VM 100"),
+                 "%s", fleece_get_error ());
+  ck_assert_int_eq (fleece_cleanup (h), -1);
+  ck_assert_int_eq (fleece_get_errno (), EBUSY);
+  after = tl_node_names (vm->q);
+  {
+    g_autofree char *a = g_strjoinv (",", during), *b2 = g_strjoinv (",", after);
+    ck_assert_str_eq (a, b2);
+  }
+  ck_assert_int_eq (tl_job_count (vm->q), NDISKS);
+
+  kill (c.pid, SIGKILL);
+  waitpid (c.pid, &status, 0);
+  close (c.go);
+  close (c.done);
+  /* The lock died with the process. */
+  ck_assert_msg (fleece_cleanup (h) == 0, "%s", fleece_get_error ());
+  assert_restored (vm, "second run refused");
+
+  /* A plan serves one run at a time. */
+  ck_assert_int_eq (fleece_attach (h, p), 0);
+  {
+    struct fleece_handle *h3 = vm_handle (vm, vm->q->qmp_path);
+
+    ck_assert_int_eq (fleece_attach (h3, p), -1);
+    ck_assert_int_eq (fleece_get_errno (), EBUSY);
+    ck_assert_str_eq (fleece_get_error (), "fleece_attach: the plan is in use by another run; "
+                      "plan again");
+    fleece_free (h3);
+  }
+  ck_assert_int_eq (fleece_cleanup (h), 0);
+  assert_restored (vm, "plan in use");
+  fleece_plan_free (p);
+  fleece_free (h);
+  vm_stop (vm);
+  tl_tmpdir_free (g_steal_pointer (&dir));
+}
+END_TEST
+
+typedef struct {
+  Vm *vm;
+  const char *qmp;
+  pthread_barrier_t *barrier;
+  char *failure;
+  char *errmsg;            /* this thread's error after the barrier */
+  guint8 *pit[NDISKS];
+  int attach_rc;
+} Worker;
+
+/* A whole backup of one VM in a thread, no Check calls (they belong to
+ * the test's thread). */
+static void *
+worker_backup (void *data)
+{
+  Worker *w = data;
+  struct fleece_handle *h = fleece_new ();
+  g_autofree char *bad = g_strdup_printf ("bad key %u", w->vm->vmid);
+  const char *keys[] = { bad, NULL };
+  const char *step = NULL;
+  struct fleece_plan *p = NULL;
+  struct fleece_target *t = fleece_target_new_dir (w->vm->target, "raw");
+  int r = 0;
+
+  fleece_set_state_dir (h, w->vm->state);
+  fleece_set_vmid (h, w->vm->vmid);
+#define STEP(name, cond) \
+  do { if (!w->failure && !(cond)) { step = name; w->failure = g_strdup_printf ("%s: %s", step, fleece_get_error ()); } } while (0)
+  STEP ("connect", fleece_connect (h, w->qmp) == 0);
+  STEP ("storage", fleece_set_storage (h, fleece_storage_new_dir (w->vm->storage)) == 0);
+  STEP ("bwlimit", fleece_set_bwlimit (h, 8192) == 0);
+  STEP ("plan", (p = fleece_plan (h)) != NULL);
+  pthread_barrier_wait (w->barrier);
+  STEP ("attach", fleece_attach (h, p) == 0);
+  STEP ("start", fleece_start (h, p, t) == 0);
+  if (!w->failure)
+    while ((r = fleece_wait (h, 200)) == 0)
+      ;
+  STEP ("wait", r == 1);
+  STEP ("cleanup", fleece_cleanup (h) == 0);
+#undef STEP
+  /* Errors are per thread: each sees its own after both failed. */
+  fleece_set_drives (h, keys);
+  pthread_barrier_wait (w->barrier);
+  w->errmsg = g_strdup (fleece_get_error ());
+  fleece_plan_free (p);
+  fleece_target_free (t);
+  fleece_free (h);
+  return NULL;
+}
+
+/* Backups of different VMs in parallel threads of one process, one
+ * handle each, sharing the state dir. */
+START_TEST (test_parallel_vms)
+{
+  Vm *vms[2];
+  Worker w[2];
+  pthread_t th[2];
+  pthread_barrier_t barrier;
+
+  pthread_barrier_init (&barrier, NULL, 2);
+  for (int i = 0; i < 2; i++) {
+    vms[i] = vm_start ();
+    vms[i]->vmid = VMID + (uint32_t) i;
+    if (i) {
+      g_free (vms[i]->state);
+      vms[i]->state = g_strdup (vms[0]->state);
+    }
+    memset (&w[i], 0, sizeof w[i]);
+    w[i].vm = vms[i];
+    w[i].qmp = vms[i]->q->qmp_path;
+    w[i].barrier = &barrier;
+    for (size_t j = 0; j < NDISKS; j++)
+      w[i].pit[j] = g_memdup2 (vms[i]->model[j], disks[j].size);
+  }
+  for (int i = 0; i < 2; i++)
+    ck_assert_int_eq (pthread_create (&th[i], NULL, worker_backup, &w[i]), 0);
+  for (int i = 0; i < 2; i++)
+    ck_assert_int_eq (pthread_join (th[i], NULL), 0);
+  for (int i = 0; i < 2; i++) {
+    g_autofree char *mine = g_strdup_printf ("invalid drive key 'bad key %u'", vms[i]->vmid);
+
+    ck_assert_msg (w[i].failure == NULL, "VM %u: %s", vms[i]->vmid, w[i].failure);
+    ck_assert_msg (strstr (w[i].errmsg, mine), "VM %u sees '%s'", vms[i]->vmid, w[i].errmsg);
+    assert_backup (vms[i], w[i].pit, "parallel");
+    assert_restored (vms[i], "parallel");
+    g_free (w[i].errmsg);
+    for (size_t j = 0; j < NDISKS; j++)
+      g_free (w[i].pit[j]);
+  }
+  g_free (vms[1]->state);
+  vms[1]->state = g_build_filename (vms[1]->dir, "state", NULL);
+  for (int i = 0; i < 2; i++)
+    vm_stop (vms[i]);
+  pthread_barrier_destroy (&barrier);
+}
+END_TEST
+
+static void *
+worker_attach (void *data)
+{
+  Worker *w = data;
+  struct fleece_handle *h = fleece_new ();
+  struct fleece_plan *p = NULL;
+
+  fleece_set_state_dir (h, w->vm->state);
+  fleece_set_vmid (h, w->vm->vmid);
+  if (fleece_connect (h, w->qmp) < 0 ||
+      fleece_set_storage (h, fleece_storage_new_dir (w->vm->storage)) < 0 ||
+      !(p = fleece_plan (h))) {
+    w->failure = g_strdup (fleece_get_error ());
+    pthread_barrier_wait (w->barrier);
+    pthread_barrier_wait (w->barrier);
+    fleece_free (h);
+    return NULL;
+  }
+  pthread_barrier_wait (w->barrier);
+  w->attach_rc = fleece_attach (h, p);
+  w->errmsg = g_strdup (w->attach_rc ? fleece_get_error () : "");
+  /* Hold the run until both tried. */
+  pthread_barrier_wait (w->barrier);
+  if (w->attach_rc == 0 && fleece_cleanup (h) < 0)
+    w->failure = g_strdup (fleece_get_error ());
+  fleece_plan_free (p);
+  fleece_free (h);
+  return NULL;
+}
+
+/* Two handles race for the same VM: exactly one wins, every time. */
+START_TEST (test_same_vm_race)
+{
+  g_autofree char *dir = tl_tmpdir_new ("qmp2");
+  g_autofree char *qmp2 = g_build_filename (dir, "qmp2.sock", NULL);
+  g_autofree char *opt = g_strdup_printf ("unix:%s,server=on,wait=off", qmp2);
+  const char *extra[] = { "-qmp", opt, NULL };
+  Vm *vm = vm_start_full (extra, true);
+  pthread_barrier_t barrier;
+
+  pthread_barrier_init (&barrier, NULL, 2);
+  for (int round = 0; round < 5; round++) {
+    Worker w[2] = { { .vm = vm, .qmp = vm->q->qmp_path, .barrier = &barrier },
+                    { .vm = vm, .qmp = qmp2, .barrier = &barrier } };
+    pthread_t th[2];
+
+    for (int i = 0; i < 2; i++)
+      ck_assert_int_eq (pthread_create (&th[i], NULL, worker_attach, &w[i]), 0);
+    for (int i = 0; i < 2; i++)
+      ck_assert_int_eq (pthread_join (th[i], NULL), 0);
+    for (int i = 0; i < 2; i++)
+      ck_assert_msg (w[i].failure == NULL, "%s", w[i].failure);
+    ck_assert_msg ((w[0].attach_rc == 0) != (w[1].attach_rc == 0),
+                   "round %d: attach returned %d and %d (%s | %s)", round, w[0].attach_rc,
+                   w[1].attach_rc, w[0].errmsg, w[1].errmsg);
+    ck_assert_msg (strstr (w[0].attach_rc ? w[0].errmsg : w[1].errmsg,
+                           "another run holds the lock for VM 100"),
+                   "%s | %s", w[0].errmsg, w[1].errmsg);
+    g_free (w[0].errmsg);
+    g_free (w[1].errmsg);
+    assert_restored (vm, "race");
+  }
+  pthread_barrier_destroy (&barrier);
+  vm_stop (vm);
+  tl_tmpdir_free (g_steal_pointer (&dir));
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* Bad input that needs no QEMU ("unit")                                */
+/* ------------------------------------------------------------------ */
+
+#define ASSERT_FAILS(call, err, text) \
+  do { \
+    ck_assert_int_eq ((call), -1); \
+    ck_assert_msg (fleece_get_errno () == (err), "errno %d, not %d: %s", fleece_get_errno (), \
+                   (err), fleece_get_error ()); \
+    ck_assert_msg (strstr (fleece_get_error (), (text)), "'%s' lacks '%s'", \
+                   fleece_get_error (), (text)); \
+  } while (0)
+
+START_TEST (test_bad_settings)
+{
+  struct fleece_handle *h = fleece_new ();
+  static const char *const keys[] = {
+    "scsi0,scsi1", "scsi0 ", "a\"b", "a'b", "a\nb", "a\\b", "../x", "x/y", "", "a=b",
+    "abcdefghijklmnopqrstu", "sc\tsi0", "\xc3\xa4",
+  };
+  g_autofree char *file = NULL;
+  int fd;
+
+  ASSERT_FAILS (fleece_set_vmid (h, 0), EINVAL, "fleece_set_vmid: invalid vmid 0: must be 1 to");
+  ASSERT_FAILS (fleece_set_vmid (h, 1000000000), EINVAL, "invalid vmid 1000000000");
+  ASSERT_FAILS (fleece_set_vmid (h, UINT32_MAX), EINVAL, "invalid vmid 4294967295");
+  for (size_t i = 0; i < G_N_ELEMENTS (keys); i++) {
+    const char *list[] = { "scsi0", keys[i], NULL };
+    ASSERT_FAILS (fleece_set_drives (h, list), EINVAL, "fleece_set_drives: invalid drive key '");
+  }
+  ASSERT_FAILS (fleece_set_state_dir (h, ""), EINVAL, "the state directory is empty");
+  ASSERT_FAILS (fleece_set_state_dir (h, NULL), EINVAL, "the state directory is empty");
+  ASSERT_FAILS (fleece_connect (h, ""), EINVAL, "the QMP socket path is empty");
+  ASSERT_FAILS (fleece_set_image_format (h, "qcow2,backing=x"), EINVAL, "unknown image format");
+  ASSERT_FAILS (fleece_set_bitmap (h, ""), EINVAL, "invalid bitmap name");
+  ck_assert_ptr_null (fleece_storage_new_dir ("relative/dir"));
+  ck_assert_msg (strstr (fleece_get_error (), "is not an absolute path"), "%s", fleece_get_error ());
+  ck_assert_ptr_null (fleece_storage_new_dir ("/nonexistent/fleece"));
+  ck_assert_int_eq (fleece_get_errno (), ENOENT);
+  ck_assert_ptr_null (fleece_target_new_dir ("rel", "raw"));
+  ck_assert_ptr_null (fleece_target_new_dir ("/tmp", "vmdk"));
+  ck_assert_ptr_null (fleece_target_new_nbd ("nbd+unix:///scsi0?socket=/x"));
+  ck_assert_ptr_null (fleece_target_new_nbd ("http://x/"));
+  ck_assert_ptr_null (fleece_target_new_nbd ("nbd://"));
+  ck_assert_ptr_null (fleece_target_new_pve ("{\"not\": closed"));
+
+  /* A socket path that is too long, a file that is no socket, nobody. */
+  {
+    g_autofree char *longp = g_strnfill (200, 'x');
+    g_autofree char *p = g_strdup_printf ("/tmp/%s", longp);
+    ASSERT_FAILS (fleece_connect (h, p), EIO, "QMP socket path is too long");
+  }
+  fd = g_file_open_tmp ("fleece-faults-XXXXXX", &file, NULL);
+  close (fd);
+  ASSERT_FAILS (fleece_connect (h, file), ECONNREFUSED, "cannot connect to QMP socket");
+  g_unlink (file);
+  ASSERT_FAILS (fleece_connect (h, "/nonexistent/qmp.sock"), ECONNREFUSED,
+                "No such file or directory");
+  fleece_free (h);
+}
+END_TEST
+
+/* A scratch state dir and a handle for VM 100 on it. */
+typedef struct {
+  char *dir;
+  char *state;
+  char *storage;
+  char *record;
+  struct fleece_handle *h;
+  GString *log;
+} Scratch;
+
+static void
+scratch_init (Scratch *s)
+{
+  s->dir = tl_tmpdir_new ("badrec");
+  s->state = g_build_filename (s->dir, "state", NULL);
+  s->storage = g_build_filename (s->dir, "storage", NULL);
+  s->record = g_build_filename (s->state, "100.json", NULL);
+  ck_assert_int_eq (g_mkdir (s->state, 0700), 0);
+  ck_assert_int_eq (g_mkdir (s->storage, 0700), 0);
+  s->log = g_string_new (NULL);
+  s->h = fleece_new ();
+  fleece_set_log_callback (s->h, log_cb, s->log);
+  ck_assert_int_eq (fleece_set_state_dir (s->h, s->state), 0);
+  ck_assert_int_eq (fleece_set_vmid (s->h, VMID), 0);
+}
+
+/* A fresh handle: one that cleaned up before keeps the storage it rebuilt
+ * from that record. */
+static void
+scratch_handle (Scratch *s)
+{
+  fleece_free (s->h);
+  s->h = fleece_new ();
+  fleece_set_log_callback (s->h, log_cb, s->log);
+  ck_assert_int_eq (fleece_set_state_dir (s->h, s->state), 0);
+  ck_assert_int_eq (fleece_set_vmid (s->h, VMID), 0);
+}
+
+static void
+scratch_clear (Scratch *s)
+{
+  fleece_free (s->h);
+  g_string_free (s->log, TRUE);
+  g_free (s->state);
+  g_free (s->storage);
+  g_free (s->record);
+  tl_tmpdir_free (s->dir);
+}
+
+/* A record as the stock engine writes it, with what to change spliced in:
+ * qmp (socket), storage (JSON), volid (JSON). */
+static char *
+record_text (const char *qmp, const char *storage, const char *volid)
+{
+  return g_strdup_printf (
+    "{\"version\": 1, \"vmid\": 100, \"engine\": \"qemu\", "
+    "\"run\": \"2f7c0ee8-5d3c-4b43-a7a1-9f8a5f1e1e11\", \"qmp\": \"%s\", "
+    "\"state\": \"attached\", \"created\": 1700000000, \"storage\": %s, "
+    "\"paused-by-us\": false, \"bitmap\": null, \"drives\": ["
+    "{\"key\": \"scsi0\", \"qdev\": \"/machine/peripheral/scsi0\", "
+    "\"root\": \"#block123\", \"size\": 16777216, \"fleeced\": true, "
+    "\"image\": \"vm-100-fleece-0.qcow2\", \"format\": \"qcow2\", \"volid\": %s, "
+    "\"target-file\": null}]}\n", qmp, storage, volid);
+}
+
+#define NUL_RECORD "{\"version\": 1, \"vmid\": 100, \"x\": \"a\0b\"}"
+
+/* Records that cannot be used: refused with what and where, left alone. */
+START_TEST (test_bad_records)
+{
+  static const struct { const char *content; size_t len; const char *expect; } bad[] = {
+    { "", 0, "it is empty" },
+    { "{\"version\": 1, \"vmid\": 100, \"engine\": \"qemu\", \"dri", 0,
+      "its JSON is incomplete (truncated?)" },
+    { "{\"version\": 1, \"vmid\": 100}\n{}", 0, "it has data after the JSON value" },
+    { "{\"version\": 1, \"vmid\": 101}", 0, "it is the record of VM 101, not of VM 100" },
+    { "{\"version\": 2, \"vmid\": 100}", 0, "its version 2 is not 1" },
+    { "{\"vmid\": 100}", 0, "it has no \"version\" number" },
+    { "{\"version\": 1, \"vmid\": \"100\"}", 0, "it has no \"vmid\" number" },
+    { "null", 0, "it is a JSON null, not an object" },
+    { "12", 0, "it is a JSON int, not an object" },
+    { NUL_RECORD, sizeof NUL_RECORD - 1, "it contains a NUL byte" },
+    { "version: 1", 0, "it is not JSON" },
+  };
+  Scratch s;
+
+  scratch_init (&s);
+  for (size_t i = 0; i < G_N_ELEMENTS (bad); i++) {
+    gssize len = bad[i].len ? (gssize) bad[i].len : -1;
+    g_autofree char *after = NULL;
+    gsize after_len = 0;
+
+    ck_assert (g_file_set_contents (s.record, bad[i].content, len, NULL));
+    ck_assert_ptr_null (fleece_get_record (s.h));
+    ck_assert_int_eq (fleece_get_errno (), EBADMSG);
+    ck_assert_msg (strstr (fleece_get_error (), bad[i].expect), "%zu: %s", i,
+                   fleece_get_error ());
+    ASSERT_FAILS (fleece_cleanup (s.h), EBADMSG, bad[i].expect);
+    ck_assert_msg (strstr (fleece_get_error (), "fleece_cleanup: record ") &&
+                   strstr (fleece_get_error (), s.record) &&
+                   strstr (fleece_get_error (), "; remove "), "%s", fleece_get_error ());
+    ck_assert (g_file_get_contents (s.record, &after, &after_len, NULL));
+    ck_assert_uint_eq (after_len, len < 0 ? strlen (bad[i].content) : (gsize) len);
+  }
+
+  /* Over the size limit; not a regular file; a FIFO (must not block). */
+  {
+    g_autofree char *big = g_strnfill (1024 * 1024 + 1, ' ');
+    ck_assert (g_file_set_contents (s.record, big, -1, NULL));
+    ASSERT_FAILS (fleece_cleanup (s.h), EFBIG, "is larger than 1048576 bytes");
+  }
+  g_unlink (s.record);
+  ck_assert_int_eq (g_mkdir (s.record, 0700), 0);
+  ASSERT_FAILS (fleece_cleanup (s.h), EBADMSG, "is not a regular file");
+  ck_assert_int_eq (g_rmdir (s.record), 0);
+  ck_assert_int_eq (mkfifo (s.record, 0600), 0);
+  ASSERT_FAILS (fleece_cleanup (s.h), EBADMSG, "is not a regular file");
+  g_unlink (s.record);
+  ck_assert_int_eq (symlink ("/dev/zero", s.record), 0);
+  ASSERT_FAILS (fleece_cleanup (s.h), EBADMSG, "is not a regular file");
+  g_unlink (s.record);
+  scratch_clear (&s);
+}
+END_TEST
+
+/* Records that parse but ask for something the library must not do. */
+START_TEST (test_hostile_records)
+{
+  Scratch s;
+  g_autofree char *victim = NULL;
+  g_autofree char *storage = NULL;
+  g_autofree char *rec = NULL;
+
+  scratch_init (&s);
+  /* A volid that would leave the storage's directory. */
+  victim = g_build_filename (s.dir, "vm-100-fleece-0.qcow2", NULL);
+  ck_assert (g_file_set_contents (victim, "keep", -1, NULL));
+  storage = g_strdup_printf ("{\"type\": \"dir\", \"dir\": \"%s\"}", s.storage);
+  for (int i = 0; i < 4; i++) {
+    static const char *const volids[] = {
+      "\"../vm-100-fleece-0.qcow2\"", "\"/etc/passwd\"", "\"vm-100-fleece-0.qcow2\\n\"",
+      "\"vm-100-fleece-0.qcow2/../../vm-100-fleece-0.qcow2\"",
+    };
+    g_free (rec);
+    rec = record_text ("/nonexistent/qmp.sock", storage, volids[i]);
+    ck_assert (g_file_set_contents (s.record, rec, -1, NULL));
+    scratch_handle (&s);
+    ck_assert_msg (fleece_cleanup (s.h) == -1, "volid %s: cleanup succeeded", volids[i]);
+    ck_assert_msg (strstr (fleece_get_error (), "fleece_cleanup: could not free fleecing images "
+                           "of VM 100"), "%s", fleece_get_error ());
+    ck_assert_msg (strstr (s.log->str, "invalid volume id"), "%s", s.log->str);
+    ck_assert (g_file_test (victim, G_FILE_TEST_EXISTS));
+    ck_assert (g_file_test (s.record, G_FILE_TEST_EXISTS));
+  }
+  /* A storage that is not where the record says, or not a directory. */
+  g_free (rec);
+  rec = record_text ("/nonexistent/qmp.sock", "{\"type\": \"dir\", \"dir\": \"../..\"}",
+                     "\"vm-100-fleece-0.qcow2\"");
+  ck_assert (g_file_set_contents (s.record, rec, -1, NULL));
+  scratch_handle (&s);
+  ASSERT_FAILS (fleece_cleanup (s.h), EIO, "(no storage: set it with fleece_set_storage())");
+  ck_assert_msg (strstr (s.log->str, "is not an absolute path"), "%s", s.log->str);
+  g_free (rec);
+  rec = record_text ("/nonexistent/qmp.sock", "{\"type\": \"nfs\"}", "\"vm-100-fleece-0.qcow2\"");
+  ck_assert (g_file_set_contents (s.record, rec, -1, NULL));
+  scratch_handle (&s);
+  ASSERT_FAILS (fleece_cleanup (s.h), EIO, "could not free fleecing images");
+  ck_assert_msg (strstr (s.log->str, "storage type \"nfs\" is unknown"), "%s", s.log->str);
+  /* An engine this library does not have. */
+  g_free (rec);
+  rec = g_strdup ("{\"version\": 1, \"vmid\": 100, \"engine\": \"../../x\"}");
+  ck_assert (g_file_set_contents (s.record, rec, -1, NULL));
+  ASSERT_FAILS (fleece_cleanup (s.h), EINVAL, "names an unknown engine '../../x'");
+  /* A record without drives, from a QEMU that is gone: nothing to free. */
+  g_free (rec);
+  rec = g_strdup_printf ("{\"version\": 1, \"vmid\": 100, \"engine\": \"qemu\", "
+                         "\"qmp\": \"/nonexistent\", \"storage\": %s}", storage);
+  ck_assert (g_file_set_contents (s.record, rec, -1, NULL));
+  scratch_handle (&s);
+  ck_assert_msg (fleece_cleanup (s.h) == 0, "%s", fleece_get_error ());
+  ck_assert (!g_file_test (s.record, G_FILE_TEST_EXISTS));
+  /* The victim outside the storage survived all of it. */
+  ck_assert (g_file_test (victim, G_FILE_TEST_EXISTS));
+  scratch_clear (&s);
+}
+END_TEST
+
+/* The recorded QMP socket has someone on it who does not speak (QEMU
+ * hung, or another client holds the monitor): an error after the QMP
+ * timeout, not "QEMU is gone" (which would leave its nodes in place). */
+START_TEST (test_record_qmp_silent)
+{
+  Scratch s;
+  g_autofree char *sock = NULL;
+  g_autofree char *storage = NULL;
+  g_autofree char *rec = NULL;
+  g_autofree char *image = NULL;
+  struct sockaddr_un sun = { .sun_family = AF_UNIX };
+  int lfd;
+  gint64 t0;
+
+  scratch_init (&s);
+  sock = g_build_filename (s.dir, "silent.sock", NULL);
+  lfd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  g_strlcpy (sun.sun_path, sock, sizeof sun.sun_path);
+  ck_assert_int_eq (bind (lfd, (struct sockaddr *) &sun, sizeof sun), 0);
+  ck_assert_int_eq (listen (lfd, 4), 0);
+  storage = g_strdup_printf ("{\"type\": \"dir\", \"dir\": \"%s\"}", s.storage);
+  rec = record_text (sock, storage, "\"vm-100-fleece-0.qcow2\"");
+  image = g_build_filename (s.storage, "vm-100-fleece-0.qcow2", NULL);
+  ck_assert (g_file_set_contents (image, "image", -1, NULL));
+  ck_assert (g_file_set_contents (s.record, rec, -1, NULL));
+  ck_assert_int_eq (fleece_set_qmp_timeout (s.h, 300), 0);
+  t0 = g_get_monotonic_time ();
+  ASSERT_FAILS (fleece_cleanup (s.h), ETIMEDOUT,
+                "fleece_cleanup: cannot clean up VM 100: its QEMU is there but cannot be used");
+  ck_assert_int_lt (g_get_monotonic_time () - t0, 5 * G_USEC_PER_SEC);
+  /* Nothing freed: QEMU may still write to the image. */
+  ck_assert (g_file_test (image, G_FILE_TEST_EXISTS));
+  ck_assert (g_file_test (s.record, G_FILE_TEST_EXISTS));
+  close (lfd);
+  scratch_clear (&s);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* main                                                                */
+/* ------------------------------------------------------------------ */
+
+/* FLEECE_FAULTS_ONLY=name,name runs only those tests (for debugging). */
+static bool
+wanted (const char *name)
+{
+  const char *only = g_getenv ("FLEECE_FAULTS_ONLY");
+  g_auto (GStrv) names = NULL;
+
+  if (!only || !*only)
+    return true;
+  names = g_strsplit (only, ",", -1);
+  return g_strv_contains ((const char *const *) names, name);
+}
+
+#define ADD(tc, t) do { if (wanted (#t)) tcase_add_test (tc, t); } while (0)
+
+static Suite *
+qemu_suite (void)
+{
+  Suite *s = suite_create ("faults");
+  TCase *tc = tcase_create ("qemu");
+
+  tcase_set_timeout (tc, 300);
+  ADD (tc, test_kill_setup);
+  ADD (tc, test_kill_cleanup);
+  ADD (tc, test_reply_faults);
+  ADD (tc, test_qemu_killed);
+  ADD (tc, test_storage_full);
+  ADD (tc, test_storage_slow);
+  ADD (tc, test_target_gone);
+  ADD (tc, test_cancel_phases);
+  ADD (tc, test_missing_features);
+  ADD (tc, test_odd_paths);
+  ADD (tc, test_bad_record_attach);
+  ADD (tc, test_record_store_fails);
+  ADD (tc, test_second_run_refused);
+  ADD (tc, test_parallel_vms);
+  ADD (tc, test_same_vm_race);
+  suite_add_tcase (s, tc);
+  return s;
+}
+
+static Suite *
+unit_suite (void)
+{
+  Suite *s = suite_create ("bad-input");
+  TCase *tc = tcase_create ("unit");
+
+  tcase_set_timeout (tc, 60);
+  ADD (tc, test_bad_settings);
+  ADD (tc, test_bad_records);
+  ADD (tc, test_hostile_records);
+  ADD (tc, test_record_qmp_silent);
+  suite_add_tcase (s, tc);
+  return s;
+}
+
+int
+main (int argc, char **argv)
+{
+  const char *which = argc > 1 ? argv[1] : "qemu";
+  SRunner *sr;
+  int failed;
+
+  if (strcmp (which, "qemu") == 0)
+    sr = srunner_create (qemu_suite ());
+  else if (strcmp (which, "unit") == 0)
+    sr = srunner_create (unit_suite ());
+  else {
+    fprintf (stderr, "usage: test-faults [qemu|unit]\n");
+    return 2;
+  }
+  srunner_run_all (sr, CK_VERBOSE);
+  failed = srunner_ntests_failed (sr);
+  srunner_free (sr);
+  return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
