@@ -171,8 +171,18 @@ cleanup_record (struct fleece_handle *h, json_object *record, GError **err)
   if (!h->qmp && json_object_object_get_ex (record, "qmp", &v) &&
       json_object_get_string (v)) {
     g_autoptr (GError) cerr = NULL;
+    const char *path = json_object_get_string (v);
 
-    if (!fleece_handle_open (h, json_object_get_string (v), &cerr)) {
+    /* A QEMU that is dying may still accept and then drop the connection
+     * (EOF, reset): try again until it answers or is gone. */
+    for (int i = 0; !fleece_handle_open (h, path, &cerr) && i < 10; i++) {
+      if (g_error_matches (cerr, FLEECE_QMP_ERROR, FLEECE_QMP_ERROR_NO_PEER) ||
+          g_error_matches (cerr, FLEECE_QMP_ERROR, FLEECE_QMP_ERROR_TIMEOUT))
+        break;
+      g_clear_error (&cerr);
+      g_usleep (200 * 1000);
+    }
+    if (!h->qmp) {
       /* Only a QEMU that is gone has nothing left to undo: one that does
        * not answer still holds our nodes and writes to our images. */
       if (!g_error_matches (cerr, FLEECE_QMP_ERROR, FLEECE_QMP_ERROR_NO_PEER)) {
@@ -196,6 +206,19 @@ cleanup_record (struct fleece_handle *h, json_object *record, GError **err)
   if (!ops->cleanup (h, record, err))
     return false;
   return fleece_record_remove (&rs, h->vmid, err);
+}
+
+static void
+forget_last_run (struct fleece_plan *p)
+{
+  for (guint i = 0; i < p->drives->len; i++) {
+    FleeceDrive *d = p->drives->pdata[i];
+
+    g_clear_pointer (&d->volid, g_free);
+    g_clear_pointer (&d->result, g_free);
+    d->done = d->total = 0;
+    d->started_us = d->ended_us = 0;
+  }
 }
 
 FLEECE_API int
@@ -229,6 +252,16 @@ fleece_attach (struct fleece_handle *h, struct fleece_plan *p)
                       "fleece_cleanup() first");
     return -1;
   }
+  /* A plan serves one run at a time (a handle holds a reference while it
+   * runs) and may serve another after cleanup: that one starts with no
+   * progress and no results, or fleece_wait() would take the last run's
+   * results as this one's and report success while the jobs still run. */
+  if (p->refs > 1) {
+    fleece_error_set (__func__, EBUSY,
+                      "the plan is in use by another run; plan again");
+    return -1;
+  }
+  forget_last_run (p);
   if (!take_lock (h, &err))
     goto fail;
 

@@ -46,6 +46,7 @@ typedef struct {
   char *storage;       /* fleecing storage dir */
   char *target;        /* backup target dir */
   char *state;         /* state dir */
+  char *keep;          /* our scratch dir, holding the disks */
   char *paths[NDISKS];
   char **nodes_before;
   GString *log;
@@ -71,7 +72,7 @@ vm_start_with (const char *extra_qmp)
 {
   Vm *vm = g_new0 (Vm, 1);
   g_autoptr (GPtrArray) args = g_ptr_array_new_with_free_func (g_free);
-  char *keep = tl_tmpdir_new ("disks");
+  char *keep = vm->keep = tl_tmpdir_new ("disks");
   TlQemu images = { .dir = keep };  /* tl_make_image only needs the dir */
   bool scsi = false;
 
@@ -117,7 +118,7 @@ vm_start_with (const char *extra_qmp)
 static void
 vm_stop (Vm *vm)
 {
-  g_autofree char *keep = g_path_get_dirname (vm->paths[0]);
+  char *keep = vm->keep;
 
   tl_qemu_stop (vm->q);
   for (size_t i = 0; i < NDISKS; i++)
@@ -127,7 +128,7 @@ vm_stop (Vm *vm)
   g_free (vm->state);
   g_strfreev (vm->nodes_before);
   g_string_free (vm->log, TRUE);
-  tl_tmpdir_free (g_steal_pointer (&keep));
+  tl_tmpdir_free (keep);
   g_free (vm);
 }
 
