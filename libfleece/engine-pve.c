@@ -57,39 +57,6 @@ is_fleecing_name (const char *name)
   return name && g_str_has_suffix (name, "-fleecing");
 }
 
-/* ---- small JSON helpers ------------------------------------------------ */
-
-static const char *
-jstr (json_object *o, const char *key)
-{
-  json_object *v;
-  if (!o || !json_object_object_get_ex (o, key, &v) || !v)
-    return NULL;
-  return json_object_get_string (v);
-}
-
-static bool
-jbool (json_object *o, const char *key)
-{
-  json_object *v;
-  return o && json_object_object_get_ex (o, key, &v) && json_object_get_boolean (v);
-}
-
-static int64_t
-jint (json_object *o, const char *key)
-{
-  json_object *v;
-  if (!o || !json_object_object_get_ex (o, key, &v) || !v)
-    return 0;
-  return json_object_get_int64 (v);
-}
-
-static void
-jset_str (json_object *o, const char *key, const char *val)
-{
-  json_object_object_add (o, key, val ? json_object_new_string (val) : NULL);
-}
-
 /* ---- HMP quoting (exported for the tests) ----------------------------- */
 
 /* A QemuOpts value: a comma ends the value unless doubled. */
@@ -176,7 +143,7 @@ hmp_do (struct fleece_handle *h, const char *line, int timeout_ms,
   g_autoptr (json_object) r = NULL;
   g_autofree char *out = NULL;
 
-  jset_str (args, "command-line", line);
+  fleece_jset_str (args, "command-line", line);
   r = fleece_qmp_execute_timeout (h->qmp, "human-monitor-command",
                                   g_steal_pointer (&args), timeout_ms, err);
   if (!r)
@@ -210,16 +177,16 @@ cmd_attach_blockdev (struct fleece_handle *h, FleeceDrive *d, const char *path,
   }
   a = json_object_new_object ();
   file = json_object_new_object ();
-  jset_str (file, "driver",
+  fleece_jset_str (file, "driver",
             g_file_test (path, G_FILE_TEST_IS_REGULAR) ? "file" : "host_device");
-  jset_str (file, "filename", path);
-  jset_str (file, "node-name", fnode);
-  jset_str (file, "discard", "unmap");
-  jset_str (file, "detect-zeroes", "unmap");
-  jset_str (a, "driver", d->format);
-  jset_str (a, "node-name", node);
-  jset_str (a, "discard", "unmap");
-  jset_str (a, "detect-zeroes", "unmap");
+  fleece_jset_str (file, "filename", path);
+  fleece_jset_str (file, "node-name", fnode);
+  fleece_jset_str (file, "discard", "unmap");
+  fleece_jset_str (file, "detect-zeroes", "unmap");
+  fleece_jset_str (a, "driver", d->format);
+  fleece_jset_str (a, "node-name", node);
+  fleece_jset_str (a, "discard", "unmap");
+  fleece_jset_str (a, "detect-zeroes", "unmap");
   json_object_object_add (a, "file", file);
   /* Storages round sizes up (LVM extents, KiB for raw): raw takes the exact
    * size, qcow2 was created with it. */
@@ -252,7 +219,7 @@ static bool
 cmd_blockdev_del (struct fleece_handle *h, const char *node, GError **err)
 {
   json_object *a = json_object_new_object ();
-  jset_str (a, "node-name", node);
+  fleece_jset_str (a, "node-name", node);
   return qmp_do (h, "blockdev-del", a, err);
 }
 
@@ -284,7 +251,7 @@ cmd_backup (struct fleece_handle *h, struct fleece_plan *p,
   for (guint i = 0; i < p->drives->len; i++)
     g_string_append_printf (devlist, "%s%s", i ? "," : "",
                             ((FleeceDrive *) p->drives->pdata[i])->device);
-  jset_str (a, "devlist", devlist->str);
+  fleece_jset_str (a, "devlist", devlist->str);
   if (fleecing)
     json_object_object_add (a, "fleecing", json_object_new_boolean (true));
   if (h->bwlimit_kib)
@@ -296,7 +263,7 @@ cmd_backup (struct fleece_handle *h, struct fleece_plan *p,
 static bool
 is_access (json_object *record)
 {
-  return g_strcmp0 (jstr (record, "mode"), "access") == 0;
+  return g_strcmp0 (fleece_jstr (record, "mode"), "access") == 0;
 }
 
 /* The bitmap mode of drive key: one for all ("use"), or per drive key
@@ -309,7 +276,7 @@ bitmap_mode (const struct fleece_target *t, const char *key)
   if (!json_object_object_get_ex (t->pve_args, "bitmap-mode", &m) || !m)
     return "none";
   if (json_object_is_type (m, json_type_object))
-    return jstr (m, key) ? jstr (m, key) : "none";
+    return fleece_jstr (m, key) ? fleece_jstr (m, key) : "none";
   return json_object_get_string (m);
 }
 
@@ -320,13 +287,13 @@ cmd_backup_access_setup (struct fleece_handle *h, struct fleece_plan *p,
   json_object *a = json_object_new_object ();
   json_object *devices = json_object_new_array ();
 
-  jset_str (a, "target-id", jstr (t->pve_args, "target-id"));
+  fleece_jset_str (a, "target-id", fleece_jstr (t->pve_args, "target-id"));
   for (guint i = 0; i < p->drives->len; i++) {
     FleeceDrive *d = p->drives->pdata[i];
     json_object *dev = json_object_new_object ();
 
-    jset_str (dev, "device", d->device);
-    jset_str (dev, "bitmap-mode", bitmap_mode (t, d->key));
+    fleece_jset_str (dev, "device", d->device);
+    fleece_jset_str (dev, "bitmap-mode", bitmap_mode (t, d->key));
     json_object_array_add (devices, dev);
   }
   json_object_object_add (a, "devices", devices);
@@ -339,7 +306,7 @@ cmd_backup_access_teardown (struct fleece_handle *h, const char *target_id,
 {
   json_object *a = json_object_new_object ();
 
-  jset_str (a, "target-id", target_id);
+  fleece_jset_str (a, "target-id", target_id);
   json_object_object_add (a, "success", json_object_new_boolean (success));
   return qmp_do (h, "backup-access-teardown", a, err);
 }
@@ -388,12 +355,12 @@ query_attached (struct fleece_handle *h, Attached *a, GError **err)
   a->nodes = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, g_free);
   for (size_t i = 0; i < json_object_array_length (nodes); i++) {
     json_object *n = json_object_array_get_idx (nodes, i);
-    if (jstr (n, "node-name"))
-      put_size (a->nodes, jstr (n, "node-name"), n);
+    if (fleece_jstr (n, "node-name"))
+      put_size (a->nodes, fleece_jstr (n, "node-name"), n);
   }
   for (size_t i = 0; i < json_object_array_length (blocks); i++) {
     json_object *b = json_object_array_get_idx (blocks, i), *ins;
-    const char *dev = jstr (b, "device");
+    const char *dev = fleece_jstr (b, "device");
     if (dev && *dev && json_object_object_get_ex (b, "inserted", &ins))
       put_size (a->backends, dev, ins);
   }
@@ -421,7 +388,7 @@ record_save (struct fleece_handle *h, GError **err)
 static void
 record_set_state (struct fleece_handle *h, const char *state)
 {
-  jset_str (h->record, "state", state);
+  fleece_jset_str (h->record, "state", state);
 }
 
 static json_object *
@@ -432,7 +399,7 @@ record_drive (struct fleece_handle *h, const char *key)
     return NULL;
   for (size_t i = 0; i < json_object_array_length (drives); i++) {
     json_object *d = json_object_array_get_idx (drives, i);
-    if (g_strcmp0 (jstr (d, "key"), key) == 0)
+    if (g_strcmp0 (fleece_jstr (d, "key"), key) == 0)
       return d;
   }
   return NULL;
@@ -459,29 +426,29 @@ record_new (struct fleece_handle *h, struct fleece_plan *p)
   uuid_unparse_lower (u, run);
   json_object_object_add (r, "version", json_object_new_int (1));
   json_object_object_add (r, "vmid", json_object_new_int64 (h->vmid));
-  jset_str (r, "engine", "pve");
-  jset_str (r, "run", run);
-  jset_str (r, "qmp", h->qmp_path);
-  jset_str (r, "state", "attaching");
+  fleece_jset_str (r, "engine", "pve");
+  fleece_jset_str (r, "run", run);
+  fleece_jset_str (r, "qmp", h->qmp_path);
+  fleece_jset_str (r, "state", "attaching");
   json_object_object_add (r, "created",
                           json_object_new_int64 (g_get_real_time () / G_USEC_PER_SEC));
   if (h->storage)
     json_object_object_add (r, "storage", fleece_storage_describe (h->storage));
-  jset_str (r, "attach", attach_by_hmp (h) ? "hmp" : "blockdev");
-  jset_str (r, "mode", NULL);
-  jset_str (r, "target-id", NULL);
-  jset_str (r, "backup-uuid", NULL);
+  fleece_jset_str (r, "attach", attach_by_hmp (h) ? "hmp" : "blockdev");
+  fleece_jset_str (r, "mode", NULL);
+  fleece_jset_str (r, "target-id", NULL);
+  fleece_jset_str (r, "backup-uuid", NULL);
   for (guint i = 0; i < p->drives->len; i++) {
     FleeceDrive *d = p->drives->pdata[i];
     json_object *j = json_object_new_object ();
 
-    jset_str (j, "key", d->key);
-    jset_str (j, "device", d->device);
+    fleece_jset_str (j, "key", d->key);
+    fleece_jset_str (j, "device", d->device);
     json_object_object_add (j, "size", json_object_new_int64 ((int64_t) d->size));
     json_object_object_add (j, "fleeced", json_object_new_boolean (d->fleeced));
-    jset_str (j, "image", d->image);
-    jset_str (j, "format", d->format);
-    jset_str (j, "volid", NULL);
+    fleece_jset_str (j, "image", d->image);
+    fleece_jset_str (j, "format", d->format);
+    fleece_jset_str (j, "volid", NULL);
     json_object_array_add (drives, j);
   }
   json_object_object_add (r, "drives", drives);
@@ -517,14 +484,14 @@ wait_a_little (struct fleece_handle *h, int wait_ms, GError **err)
 static bool
 backup_is_ours (json_object *record, json_object *status)
 {
-  const char *state = jstr (record, "state");
-  const char *uuid = jstr (record, "backup-uuid");
+  const char *state = fleece_jstr (record, "state");
+  const char *uuid = fleece_jstr (record, "backup-uuid");
 
   if (g_strcmp0 (state, "starting") != 0 && g_strcmp0 (state, "running") != 0)
     return false;
   if (is_access (record))
-    return !jstr (status, "backup-file");
-  return !uuid || g_strcmp0 (uuid, jstr (status, "uuid")) == 0;
+    return !fleece_jstr (status, "backup-file");
+  return !uuid || g_strcmp0 (uuid, fleece_jstr (status, "uuid")) == 0;
 }
 
 /* An active backup holds the fleecing images: detaching them under it
@@ -542,26 +509,26 @@ end_backup (struct fleece_handle *h, json_object *record, GError **err)
 
     if (!st)
       return false;
-    if (g_strcmp0 (jstr (st, "status"), "active") != 0)
+    if (g_strcmp0 (fleece_jstr (st, "status"), "active") != 0)
       return true;
     if (!backup_is_ours (record, st)) {
       g_set_error (err, FLEECE_ERROR, EBUSY,
                    "a backup that libfleece did not start runs in the QEMU of "
                    "VM %u (query-backup: uuid %s, started %" PRId64 "); its "
                    "fleecing images must stay until it ends", h->vmid,
-                   jstr (st, "uuid") ? jstr (st, "uuid") : "?",
-                   jint (st, "start-time"));
+                   fleece_jstr (st, "uuid") ? fleece_jstr (st, "uuid") : "?",
+                   fleece_jint (st, "start-time"));
       return false;
     }
     if (!cancelled && is_access (record)) {
       /* Success only on the handle whose run it is, not cancelled: the
        * bitmap then tracks from this backup on.  A crashed run failed. */
       bool success = h->record && h->state == FLEECE_STATE_RUNNING && !h->cancelled &&
-                     g_strcmp0 (jstr (h->record, "run"), jstr (record, "run")) == 0;
+                     g_strcmp0 (fleece_jstr (h->record, "run"), fleece_jstr (record, "run")) == 0;
 
       fleece_log (h, FLEECE_LOG_INFO, "tearing down the backup access of VM %u (%s)",
                   h->vmid, success ? "success" : "failure");
-      if (!cmd_backup_access_teardown (h, jstr (record, "target-id"), success, err))
+      if (!cmd_backup_access_teardown (h, fleece_jstr (record, "target-id"), success, err))
         return false;
       cancelled = true;
     } else if (!cancelled) {
@@ -635,57 +602,11 @@ detach_fleecing (struct fleece_handle *h, GHashTable *only, GError **err)
 }
 
 static bool
-free_images (struct fleece_handle *h, json_object *record, GError **err)
-{
-  json_object *drives;
-  g_autoptr (GString) failed = g_string_new (NULL);
-
-  if (!json_object_object_get_ex (record, "drives", &drives))
-    return true;
-  for (size_t i = 0; i < json_object_array_length (drives); i++) {
-    json_object *d = json_object_array_get_idx (drives, i);
-    const char *volid = jstr (d, "volid");
-    g_autoptr (GError) ferr = NULL;
-
-    if (!jbool (d, "fleeced"))
-      continue;
-    /* A crash between allocation and recording the volid: the directory
-     * storage's volid is the planned name; a caller's storage needs it. */
-    if (!volid) {
-      json_object *s;
-      if (json_object_object_get_ex (record, "storage", &s) &&
-          g_strcmp0 (jstr (s, "type"), "dir") == 0)
-        volid = jstr (d, "image");
-    }
-    if (!volid)
-      continue;
-    if (!h->storage) {
-      g_string_append_printf (failed, "%s%s", failed->len ? ", " : "", volid);
-      continue;
-    }
-    if (!fleece_storage_free_image (h->storage, volid, &ferr)) {
-      fleece_log (h, FLEECE_LOG_WARNING, "%s", ferr->message);
-      g_string_append_printf (failed, "%s%s", failed->len ? ", " : "", volid);
-      continue;
-    }
-    jset_str (d, "volid", NULL);
-  }
-  if (failed->len) {
-    g_set_error (err, FLEECE_ERROR, EIO,
-                 "could not free fleecing images of VM %u: %s%s", h->vmid,
-                 failed->str,
-                 h->storage ? "" : " (no storage: set it with fleece_set_storage())");
-    return false;
-  }
-  return true;
-}
-
-static bool
 pve_cleanup (struct fleece_handle *h, json_object *record, GError **err)
 {
   if (h->qmp && (!end_backup (h, record, err) || !detach_fleecing (h, NULL, err)))
     return false;
-  return free_images (h, record, err);
+  return fleece_free_recorded_images (h, record, err);
 }
 
 /* ---- plan and attach -------------------------------------------------------- */
@@ -780,11 +701,11 @@ check_no_backup_running (struct fleece_handle *h, GError **err)
 
   if (!st)
     return false;
-  if (g_strcmp0 (jstr (st, "status"), "active") == 0) {
+  if (g_strcmp0 (fleece_jstr (st, "status"), "active") == 0) {
     g_set_error (err, FLEECE_ERROR, EBUSY,
                  "a backup already runs in the QEMU of VM %u (query-backup: "
                  "uuid %s); wait for it to end or cancel it", h->vmid,
-                 jstr (st, "uuid") ? jstr (st, "uuid") : "?");
+                 fleece_jstr (st, "uuid") ? fleece_jstr (st, "uuid") : "?");
     return false;
   }
   return true;
@@ -839,7 +760,7 @@ attach_images (struct fleece_handle *h, struct fleece_plan *p, GError **err)
     if (!fleece_storage_alloc_image (h->storage, d->image, d->format, d->size,
                                      &d->volid, err))
       return false;
-    jset_str (record_drive (h, d->key), "volid", d->volid);
+    fleece_jset_str (record_drive (h, d->key), "volid", d->volid);
     if (!record_save (h, err))
       return false;
     if (!(path = fleece_storage_image_path (h->storage, d->volid, err)))
@@ -1023,7 +944,7 @@ access_start (struct fleece_handle *h, struct fleece_plan *p,
       return false;
     }
   }
-  if (!jstr (t->pve_args, "target-id") || !*jstr (t->pve_args, "target-id")) {
+  if (!fleece_jstr (t->pve_args, "target-id") || !*fleece_jstr (t->pve_args, "target-id")) {
     g_set_error (err, FLEECE_ERROR, EINVAL, "\"target-id\" must be a non-empty string");
     return false;
   }
@@ -1049,29 +970,29 @@ access_start (struct fleece_handle *h, struct fleece_plan *p,
     fleece_log (h, FLEECE_LOG_WARNING,
                 "backup access has no job in QEMU: the speed limit is the provider's");
 
-  jset_str (h->record, "mode", "access");
-  jset_str (h->record, "target-id", jstr (t->pve_args, "target-id"));
+  fleece_jset_str (h->record, "mode", "access");
+  fleece_jset_str (h->record, "target-id", fleece_jstr (t->pve_args, "target-id"));
   json_object_object_add (h->record, "target", fleece_target_describe (t));
   record_set_state (h, "starting");
   if (!record_save (h, err))
     goto fail;
   fleece_log (h, FLEECE_LOG_INFO, "setting up backup access %s for VM %u (%u drives)",
-              jstr (t->pve_args, "target-id"), h->vmid, p->drives->len);
+              fleece_jstr (t->pve_args, "target-id"), h->vmid, p->drives->len);
   if (!(r = cmd_backup_access_setup (h, p, t, err))) {
     explain_start_error (h, p, err);
     goto fail;
   }
   for (size_t i = 0; i < json_object_array_length (r); i++) {
     json_object *info = json_object_array_get_idx (r, i);
-    FleeceDrive *d = drive_by_device (p, jstr (info, "device"));
+    FleeceDrive *d = drive_by_device (p, fleece_jstr (info, "device"));
 
     if (!d)
       continue;
     json_object_object_add (record_drive (h, d->key), "access", json_object_get (info));
     fleece_log (h, FLEECE_LOG_INFO, "%s: snapshot access node %s (%" PRId64 " bytes)%s%s",
-                d->key, jstr (info, "node-name"), jint (info, "size"),
-                jstr (info, "bitmap-name") ? ", bitmap " : "",
-                jstr (info, "bitmap-name") ? jstr (info, "bitmap-name") : "");
+                d->key, fleece_jstr (info, "node-name"), fleece_jint (info, "size"),
+                fleece_jstr (info, "bitmap-name") ? ", bitmap " : "",
+                fleece_jstr (info, "bitmap-name") ? fleece_jstr (info, "bitmap-name") : "");
   }
   record_set_state (h, "running");
   if (!record_save (h, err))
@@ -1085,7 +1006,7 @@ access_start (struct fleece_handle *h, struct fleece_plan *p,
   return true;
 
  fail:
-  jset_str (h->record, "mode", NULL);
+  fleece_jset_str (h->record, "mode", NULL);
   record_set_state (h, "attached");
   record_save (h, NULL);
   return false;
@@ -1133,7 +1054,7 @@ pve_start (struct fleece_handle *h, struct fleece_plan *p,
   }
 
   /* Ours from here on, also if we die before QEMU answers. */
-  jset_str (h->record, "mode", "backup");
+  fleece_jset_str (h->record, "mode", "backup");
   json_object_object_add (h->record, "target", fleece_target_describe (t));
   record_set_state (h, "starting");
   if (!record_save (h, err))
@@ -1145,7 +1066,7 @@ pve_start (struct fleece_handle *h, struct fleece_plan *p,
     explain_start_error (h, p, err);
     goto fail;
   }
-  jset_str (h->record, "backup-uuid", jstr (r, "UUID"));
+  fleece_jset_str (h->record, "backup-uuid", fleece_jstr (r, "UUID"));
   record_set_state (h, "running");
   if (!record_save (h, err))
     fleece_log (h, FLEECE_LOG_WARNING, "cannot update the record: %s", (*err)->message),
@@ -1159,7 +1080,7 @@ pve_start (struct fleece_handle *h, struct fleece_plan *p,
 
  fail:
   /* The patched QEMU undoes a refused backup itself: back to "attached". */
-  jset_str (h->record, "mode", NULL);
+  fleece_jset_str (h->record, "mode", NULL);
   record_set_state (h, "attached");
   record_save (h, NULL);
   return false;
@@ -1190,14 +1111,14 @@ update_drive_progress (struct fleece_handle *h, struct fleece_plan *p, GError **
     return false;
   for (size_t i = 0; i < json_object_array_length (jobs); i++) {
     json_object *j = json_object_array_get_idx (jobs, i);
-    FleeceDrive *d = drive_by_device (p, jstr (j, "id"));
+    FleeceDrive *d = drive_by_device (p, fleece_jstr (j, "id"));
 
     if (!d)
       continue;
     g_hash_table_add (seen, d);
     d->started_us = d->started_us ? d->started_us : g_get_real_time ();
-    set_drive_progress (h, d, (uint64_t) jint (j, "current-progress"),
-                        (uint64_t) jint (j, "total-progress"));
+    set_drive_progress (h, d, (uint64_t) fleece_jint (j, "current-progress"),
+                        (uint64_t) fleece_jint (j, "total-progress"));
   }
   for (guint i = 0; i < p->drives->len; i++) {
     FleeceDrive *d = p->drives->pdata[i];
@@ -1255,7 +1176,7 @@ pve_poll (struct fleece_handle *h, int timeout_ms, GError **err)
   struct fleece_plan *p = h->run_plan;
   gint64 deadline = timeout_ms < 0 ? -1
                     : g_get_monotonic_time () + (gint64) timeout_ms * 1000;
-  const char *uuid = jstr (h->record, "backup-uuid");
+  const char *uuid = fleece_jstr (h->record, "backup-uuid");
 
   for (;;) {
     g_autoptr (json_object) st = cmd_query_backup (h, err);
@@ -1266,12 +1187,12 @@ pve_poll (struct fleece_handle *h, int timeout_ms, GError **err)
       g_prefix_error (err, "lost track of the backup of VM %u: ", h->vmid);
       return -1;
     }
-    status = jstr (st, "status");
-    if (uuid && g_strcmp0 (jstr (st, "uuid"), uuid) != 0) {
+    status = fleece_jstr (st, "status");
+    if (uuid && g_strcmp0 (fleece_jstr (st, "uuid"), uuid) != 0) {
       g_set_error (err, FLEECE_ERROR, EIO,
                    "lost track of the backup of VM %u: QEMU reports another "
                    "backup (uuid %s, ours %s)", h->vmid,
-                   jstr (st, "uuid") ? jstr (st, "uuid") : "none", uuid);
+                   fleece_jstr (st, "uuid") ? fleece_jstr (st, "uuid") : "none", uuid);
       return -1;
     }
     if (is_access (h->record)) {
@@ -1293,7 +1214,7 @@ pve_poll (struct fleece_handle *h, int timeout_ms, GError **err)
 
     if (g_strcmp0 (status, "done") == 0 || g_strcmp0 (status, "error") == 0) {
       bool ok = strcmp (status, "done") == 0;
-      const char *msg = jstr (st, "errmsg");
+      const char *msg = fleece_jstr (st, "errmsg");
 
       for (guint i = 0; i < p->drives->len; i++) {
         FleeceDrive *d = p->drives->pdata[i];
@@ -1306,7 +1227,7 @@ pve_poll (struct fleece_handle *h, int timeout_ms, GError **err)
       }
       if (ok) {
         fleece_log (h, FLEECE_LOG_INFO, "backup of VM %u finished (%" PRId64
-                    " bytes transferred)", h->vmid, jint (st, "transferred"));
+                    " bytes transferred)", h->vmid, fleece_jint (st, "transferred"));
         return 1;
       }
       if (h->cancelled) {
@@ -1344,7 +1265,7 @@ static bool
 pve_cancel (struct fleece_handle *h, GError **err)
 {
   if (is_access (h->record))
-    return cmd_backup_access_teardown (h, jstr (h->record, "target-id"), false, err);
+    return cmd_backup_access_teardown (h, fleece_jstr (h->record, "target-id"), false, err);
   return cmd_backup_cancel (h, err);
 }
 

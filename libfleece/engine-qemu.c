@@ -36,30 +36,6 @@ static char *target_node (const char *key) { return g_strdup_printf ("%s-fleece-
 static char *target_file_node (const char *key) { return g_strdup_printf ("%s-fleece-tf", key); }
 static char *job_id (const char *key) { return g_strdup_printf ("fleece-%s", key); }
 
-/* ---- small JSON helpers --------------------------------------------- */
-
-static const char *
-jstr (json_object *o, const char *key)
-{
-  json_object *v;
-  if (!o || !json_object_object_get_ex (o, key, &v) || !v)
-    return NULL;
-  return json_object_get_string (v);
-}
-
-static bool
-jbool (json_object *o, const char *key)
-{
-  json_object *v;
-  return o && json_object_object_get_ex (o, key, &v) && json_object_get_boolean (v);
-}
-
-static void
-jset_str (json_object *o, const char *key, const char *val)
-{
-  json_object_object_add (o, key, val ? json_object_new_string (val) : NULL);
-}
-
 /* ---- commands -------------------------------------------------------- */
 
 static bool
@@ -77,8 +53,8 @@ static json_object *
 bitmap_ref (const char *node, const char *name)
 {
   json_object *b = json_object_new_object ();
-  jset_str (b, "node", node);
-  jset_str (b, "name", name);
+  fleece_jset_str (b, "node", node);
+  fleece_jset_str (b, "name", name);
   return b;
 }
 
@@ -112,8 +88,8 @@ cmd_add_cbw_bitmap (struct fleece_handle *h, FleeceDrive *d, GError **err)
   json_object_object_add (add, "persistent", json_object_new_boolean (false));
   if (!qmp_do (h, "block-dirty-bitmap-add", add, err))
     return false;
-  jset_str (merge, "node", d->root);
-  jset_str (merge, "target", coarse);
+  fleece_jset_str (merge, "node", d->root);
+  fleece_jset_str (merge, "target", coarse);
   json_object_array_add (from, bitmap_ref (d->root, h->bitmap));
   json_object_object_add (merge, "bitmaps", from);
   return qmp_do (h, "block-dirty-bitmap-merge", merge, err);
@@ -141,15 +117,15 @@ cmd_add_fleecing (struct fleece_handle *h, FleeceDrive *d, const char *path,
   json_object *a = json_object_new_object ();
   json_object *file = json_object_new_object ();
 
-  jset_str (file, "driver",
+  fleece_jset_str (file, "driver",
             g_file_test (path, G_FILE_TEST_IS_REGULAR) ? "file" : "host_device");
-  jset_str (file, "filename", path);
-  jset_str (file, "node-name", fnode);
-  jset_str (file, "discard", "unmap");
-  jset_str (a, "driver", d->format);
-  jset_str (a, "node-name", node);
-  jset_str (a, "discard", "unmap");
-  jset_str (a, "detect-zeroes", "unmap");
+  fleece_jset_str (file, "filename", path);
+  fleece_jset_str (file, "node-name", fnode);
+  fleece_jset_str (file, "discard", "unmap");
+  fleece_jset_str (a, "driver", d->format);
+  fleece_jset_str (a, "node-name", node);
+  fleece_jset_str (a, "discard", "unmap");
+  fleece_jset_str (a, "detect-zeroes", "unmap");
   json_object_object_add (a, "file", file);
   /* Storages round sizes up (LVM extents); raw takes the exact size. */
   if (strcmp (d->format, "raw") == 0)
@@ -164,12 +140,12 @@ cmd_add_cbw (struct fleece_handle *h, FleeceDrive *d, GError **err)
   g_autofree char *target = fleecing_node (d->key);
   json_object *a = json_object_new_object ();
 
-  jset_str (a, "driver", "copy-before-write");
-  jset_str (a, "node-name", node);
-  jset_str (a, "file", d->root);
-  jset_str (a, "target", target);
+  fleece_jset_str (a, "driver", "copy-before-write");
+  fleece_jset_str (a, "node-name", node);
+  fleece_jset_str (a, "file", d->root);
+  fleece_jset_str (a, "target", target);
   /* A failed or slow copy must break the backup, never the guest write. */
-  jset_str (a, "on-cbw-error", "break-snapshot");
+  fleece_jset_str (a, "on-cbw-error", "break-snapshot");
   if (h->cbw_timeout)
     json_object_object_add (a, "cbw-timeout", json_object_new_int64 (h->cbw_timeout));
   if (h->bitmap) {
@@ -184,9 +160,9 @@ cmd_set_drive (struct fleece_handle *h, const char *qdev, const char *node,
                GError **err)
 {
   json_object *a = json_object_new_object ();
-  jset_str (a, "path", qdev);
-  jset_str (a, "property", "drive");
-  jset_str (a, "value", node);
+  fleece_jset_str (a, "path", qdev);
+  fleece_jset_str (a, "property", "drive");
+  fleece_jset_str (a, "value", node);
   return qmp_do (h, "qom-set", a, err);
 }
 
@@ -197,11 +173,11 @@ cmd_add_snapshot_access (struct fleece_handle *h, FleeceDrive *d, GError **err)
   g_autofree char *cbw = cbw_node (d->key);
   json_object *a = json_object_new_object ();
 
-  jset_str (a, "driver", "snapshot-access");
-  jset_str (a, "node-name", node);
-  jset_str (a, "file", cbw);
+  fleece_jset_str (a, "driver", "snapshot-access");
+  fleece_jset_str (a, "node-name", node);
+  fleece_jset_str (a, "file", cbw);
   /* Without it discard-source silently does nothing. */
-  jset_str (a, "discard", "unmap");
+  fleece_jset_str (a, "discard", "unmap");
   return qmp_do (h, "blockdev-add", a, err);
 }
 
@@ -224,14 +200,14 @@ backup_action (struct fleece_handle *h, FleeceDrive *d)
   json_object *a = json_object_new_object ();
   json_object *act = json_object_new_object ();
 
-  jset_str (a, "job-id", job);
-  jset_str (a, "device", src);
-  jset_str (a, "target", tgt);
+  fleece_jset_str (a, "job-id", job);
+  fleece_jset_str (a, "device", src);
+  fleece_jset_str (a, "target", tgt);
   if (h->bitmap) {
-    jset_str (a, "sync", "incremental");
-    jset_str (a, "bitmap", h->bitmap);
+    fleece_jset_str (a, "sync", "incremental");
+    fleece_jset_str (a, "bitmap", h->bitmap);
   } else {
-    jset_str (a, "sync", "full");
+    fleece_jset_str (a, "sync", "full");
   }
   /* We read the final status from query-jobs, then dismiss. */
   json_object_object_add (a, "auto-dismiss", json_object_new_boolean (false));
@@ -250,7 +226,7 @@ backup_action (struct fleece_handle *h, FleeceDrive *d)
       json_object_object_add (a, "x-perf", perf);
     }
   }
-  jset_str (act, "type", "blockdev-backup");
+  fleece_jset_str (act, "type", "blockdev-backup");
   json_object_object_add (act, "data", a);
   return act;
 }
@@ -259,7 +235,7 @@ static json_object *
 action (const char *type, json_object *data)
 {
   json_object *a = json_object_new_object ();
-  jset_str (a, "type", type);
+  fleece_jset_str (a, "type", type);
   json_object_object_add (a, "data", data);
   return a;
 }
@@ -278,8 +254,8 @@ bitmap_handover (struct fleece_handle *h, FleeceDrive *d, json_object *actions)
   json_object *from = json_object_new_array ();
 
   json_object_array_add (actions, action ("block-dirty-bitmap-add", add));
-  jset_str (merge, "node", snap);
-  jset_str (merge, "target", h->bitmap);
+  fleece_jset_str (merge, "node", snap);
+  fleece_jset_str (merge, "target", h->bitmap);
   json_object_array_add (from, bitmap_ref (d->root, h->bitmap));
   json_object_object_add (merge, "bitmaps", from);
   json_object_array_add (actions, action ("block-dirty-bitmap-merge", merge));
@@ -296,8 +272,8 @@ cmd_bitmap_restore (struct fleece_handle *h, const char *root, const char *snap,
   json_object *merge = json_object_new_object ();
   json_object *from = json_object_new_array ();
 
-  jset_str (merge, "node", root);
-  jset_str (merge, "target", name);
+  fleece_jset_str (merge, "node", root);
+  fleece_jset_str (merge, "target", name);
   json_object_array_add (from, bitmap_ref (snap, name));
   json_object_object_add (merge, "bitmaps", from);
   if (!qmp_do (h, "block-dirty-bitmap-merge", merge, &err))
@@ -338,7 +314,7 @@ cmd_start_jobs (struct fleece_handle *h, struct fleece_plan *p, GError **err)
   }
   for (guint i = 0; i < p->drives->len; i++)
     json_object_array_add (actions, backup_action (h, p->drives->pdata[i]));
-  jset_str (props, "completion-mode", "grouped");
+  fleece_jset_str (props, "completion-mode", "grouped");
   json_object_object_add (a, "actions", actions);
   json_object_object_add (a, "properties", props);
   return qmp_do (h, "transaction", a, err);
@@ -348,7 +324,7 @@ static bool
 cmd_del (struct fleece_handle *h, const char *node, GError **err)
 {
   json_object *a = json_object_new_object ();
-  jset_str (a, "node-name", node);
+  fleece_jset_str (a, "node-name", node);
   return qmp_do (h, "blockdev-del", a, err);
 }
 
@@ -356,7 +332,7 @@ static bool
 cmd_job (struct fleece_handle *h, const char *cmd, const char *id, GError **err)
 {
   json_object *a = json_object_new_object ();
-  jset_str (a, "id", id);
+  fleece_jset_str (a, "id", id);
   return qmp_do (h, cmd, a, err);
 }
 
@@ -377,7 +353,7 @@ query_nodes (struct fleece_handle *h, GError **err)
   nodes = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, g_free);
   for (size_t i = 0; i < json_object_array_length (r); i++) {
     json_object *n = json_object_array_get_idx (r, i), *img, *v;
-    const char *name = jstr (n, "node-name");
+    const char *name = fleece_jstr (n, "node-name");
     guint64 *size = g_new0 (guint64, 1);
 
     if (json_object_object_get_ex (n, "image", &img) &&
@@ -403,7 +379,7 @@ query_roots (struct fleece_handle *h, GError **err)
   roots = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, g_free);
   for (size_t i = 0; i < json_object_array_length (r); i++) {
     json_object *b = json_object_array_get_idx (r, i), *ins;
-    const char *qdev = jstr (b, "qdev");
+    const char *qdev = fleece_jstr (b, "qdev");
     g_autofree char *path = NULL;
 
     if (!qdev || !json_object_object_get_ex (b, "inserted", &ins))
@@ -414,9 +390,9 @@ query_roots (struct fleece_handle *h, GError **err)
       path = g_strndup (qdev, strlen (qdev) - strlen ("/virtio-backend"));
     else
       path = g_strdup (qdev);
-    if (jstr (ins, "node-name"))
+    if (fleece_jstr (ins, "node-name"))
       g_hash_table_replace (roots, g_steal_pointer (&path),
-                            g_strdup (jstr (ins, "node-name")));
+                            g_strdup (fleece_jstr (ins, "node-name")));
   }
   return roots;
 }
@@ -433,7 +409,7 @@ record_save (struct fleece_handle *h, GError **err)
 static void
 record_set_state (struct fleece_handle *h, const char *state)
 {
-  jset_str (h->record, "state", state);
+  fleece_jset_str (h->record, "state", state);
 }
 
 static json_object *
@@ -444,7 +420,7 @@ record_drive (struct fleece_handle *h, const char *key)
     return NULL;
   for (size_t i = 0; i < json_object_array_length (drives); i++) {
     json_object *d = json_object_array_get_idx (drives, i);
-    if (g_strcmp0 (jstr (d, "key"), key) == 0)
+    if (g_strcmp0 (fleece_jstr (d, "key"), key) == 0)
       return d;
   }
   return NULL;
@@ -462,29 +438,29 @@ record_new (struct fleece_handle *h, struct fleece_plan *p)
   uuid_unparse_lower (u, run);
   json_object_object_add (r, "version", json_object_new_int (1));
   json_object_object_add (r, "vmid", json_object_new_int64 (h->vmid));
-  jset_str (r, "engine", "qemu");
-  jset_str (r, "run", run);
-  jset_str (r, "qmp", h->qmp_path);
-  jset_str (r, "state", "attaching");
+  fleece_jset_str (r, "engine", "qemu");
+  fleece_jset_str (r, "run", run);
+  fleece_jset_str (r, "qmp", h->qmp_path);
+  fleece_jset_str (r, "state", "attaching");
   json_object_object_add (r, "created",
                           json_object_new_int64 (g_get_real_time () / G_USEC_PER_SEC));
   if (h->storage)
     json_object_object_add (r, "storage", fleece_storage_describe (h->storage));
   json_object_object_add (r, "paused-by-us", json_object_new_boolean (false));
-  jset_str (r, "bitmap", h->bitmap);
+  fleece_jset_str (r, "bitmap", h->bitmap);
   for (guint i = 0; i < p->drives->len; i++) {
     FleeceDrive *d = p->drives->pdata[i];
     json_object *j = json_object_new_object ();
 
-    jset_str (j, "key", d->key);
-    jset_str (j, "qdev", d->qdev);
-    jset_str (j, "root", d->root);
+    fleece_jset_str (j, "key", d->key);
+    fleece_jset_str (j, "qdev", d->qdev);
+    fleece_jset_str (j, "root", d->root);
     json_object_object_add (j, "size", json_object_new_int64 ((int64_t) d->size));
     json_object_object_add (j, "fleeced", json_object_new_boolean (d->fleeced));
-    jset_str (j, "image", d->image);
-    jset_str (j, "format", d->format);
-    jset_str (j, "volid", NULL);
-    jset_str (j, "target-file", NULL);
+    fleece_jset_str (j, "image", d->image);
+    fleece_jset_str (j, "format", d->format);
+    fleece_jset_str (j, "volid", NULL);
+    fleece_jset_str (j, "target-file", NULL);
     json_object_array_add (drives, j);
   }
   json_object_object_add (r, "drives", drives);
@@ -497,7 +473,7 @@ static bool
 job_is_ours (json_object *drives, const char *id)
 {
   for (size_t i = 0; i < json_object_array_length (drives); i++) {
-    g_autofree char *j = job_id (jstr (json_object_array_get_idx (drives, i), "key"));
+    g_autofree char *j = job_id (fleece_jstr (json_object_array_get_idx (drives, i), "key"));
     if (g_strcmp0 (j, id) == 0)
       return true;
   }
@@ -527,7 +503,7 @@ end_jobs (struct fleece_handle *h, json_object *drives, GError **err)
       goto out;
     for (size_t i = 0; i < json_object_array_length (jobs); i++) {
       json_object *j = json_object_array_get_idx (jobs, i);
-      const char *id = jstr (j, "id"), *status = jstr (j, "status");
+      const char *id = fleece_jstr (j, "id"), *status = fleece_jstr (j, "status");
 
       if (!id || !job_is_ours (drives, id))
         continue;
@@ -613,23 +589,23 @@ undo_graph (struct fleece_handle *h, json_object *record, bool keep_images,
 
   for (size_t i = 0; i < n; i++) {
     json_object *d = json_object_array_get_idx (drives, i);
-    g_autofree char *snap = snap_node (jstr (d, "key"));
+    g_autofree char *snap = snap_node (fleece_jstr (d, "key"));
 
-    if (jstr (record, "bitmap") && g_strcmp0 (jstr (record, "state"), "succeeded") != 0 &&
-        g_hash_table_contains (nodes, snap) && jstr (d, "root"))
-      cmd_bitmap_restore (h, jstr (d, "root"), snap, jstr (record, "bitmap"));
+    if (fleece_jstr (record, "bitmap") && g_strcmp0 (fleece_jstr (record, "state"), "succeeded") != 0 &&
+        g_hash_table_contains (nodes, snap) && fleece_jstr (d, "root"))
+      cmd_bitmap_restore (h, fleece_jstr (d, "root"), snap, fleece_jstr (record, "bitmap"));
     /* A crash between adding cbw's coarse bitmap and dropping it. */
-    if (jstr (record, "bitmap") && jbool (d, "fleeced") && jstr (d, "root") &&
-        g_hash_table_contains (nodes, jstr (d, "root")) &&
-        g_strcmp0 (jstr (record, "state"), "starting") == 0)
-      cmd_del_cbw_bitmap (h, jstr (d, "root"), jstr (record, "bitmap"));
+    if (fleece_jstr (record, "bitmap") && fleece_jbool (d, "fleeced") && fleece_jstr (d, "root") &&
+        g_hash_table_contains (nodes, fleece_jstr (d, "root")) &&
+        g_strcmp0 (fleece_jstr (record, "state"), "starting") == 0)
+      cmd_del_cbw_bitmap (h, fleece_jstr (d, "root"), fleece_jstr (record, "bitmap"));
     if (!del_if_present (h, nodes, snap, err))
       return false;
   }
   for (size_t i = 0; i < n; i++) {
     json_object *d = json_object_array_get_idx (drives, i);
-    g_autofree char *cbw = cbw_node (jstr (d, "key"));
-    const char *qdev = jstr (d, "qdev"), *root = jstr (d, "root");
+    g_autofree char *cbw = cbw_node (fleece_jstr (d, "key"));
+    const char *qdev = fleece_jstr (d, "qdev"), *root = fleece_jstr (d, "root");
     const char *cur = qdev ? g_hash_table_lookup (roots, qdev) : NULL;
 
     /* Re-point only devices that point at our filter: qom-set to the node
@@ -646,7 +622,7 @@ undo_graph (struct fleece_handle *h, json_object *record, bool keep_images,
     }
   }
   for (size_t i = 0; i < n; i++) {
-    const char *key = jstr (json_object_array_get_idx (drives, i), "key");
+    const char *key = fleece_jstr (json_object_array_get_idx (drives, i), "key");
     g_autofree char *cbw = cbw_node (key);
     g_autofree char *tgt = target_node (key);
     g_autofree char *tf = target_file_node (key);
@@ -672,59 +648,13 @@ undo_graph (struct fleece_handle *h, json_object *record, bool keep_images,
       return false;
   }
 
-  if (jbool (record, "paused-by-us")) {
+  if (fleece_jbool (record, "paused-by-us")) {
     g_autoptr (json_object) st = fleece_qmp_execute (h->qmp, "query-status", NULL, err);
     if (!st)
       return false;
-    if (!jbool (st, "running") && !qmp_do (h, "cont", NULL, err))
+    if (!fleece_jbool (st, "running") && !qmp_do (h, "cont", NULL, err))
       return false;
     json_object_object_add (record, "paused-by-us", json_object_new_boolean (false));
-  }
-  return true;
-}
-
-static bool
-free_images (struct fleece_handle *h, json_object *record, GError **err)
-{
-  json_object *drives;
-  g_autoptr (GString) failed = g_string_new (NULL);
-
-  if (!json_object_object_get_ex (record, "drives", &drives))
-    return true;
-  for (size_t i = 0; i < json_object_array_length (drives); i++) {
-    json_object *d = json_object_array_get_idx (drives, i);
-    const char *volid = jstr (d, "volid");
-    g_autoptr (GError) ferr = NULL;
-
-    if (!jbool (d, "fleeced"))
-      continue;
-    /* A crash between allocation and recording the volid: the directory
-     * storage's volid is the planned name; a caller's storage needs it. */
-    if (!volid) {
-      json_object *s;
-      if (json_object_object_get_ex (record, "storage", &s) &&
-          g_strcmp0 (jstr (s, "type"), "dir") == 0)
-        volid = jstr (d, "image");
-    }
-    if (!volid)
-      continue;
-    if (!h->storage) {
-      g_string_append_printf (failed, "%s%s", failed->len ? ", " : "", volid);
-      continue;
-    }
-    if (!fleece_storage_free_image (h->storage, volid, &ferr)) {
-      fleece_log (h, FLEECE_LOG_WARNING, "%s", ferr->message);
-      g_string_append_printf (failed, "%s%s", failed->len ? ", " : "", volid);
-      continue;
-    }
-    jset_str (d, "volid", NULL);
-  }
-  if (failed->len) {
-    g_set_error (err, FLEECE_ERROR, EIO,
-                 "could not free fleecing images of VM %u: %s%s", h->vmid,
-                 failed->str,
-                 h->storage ? "" : " (no storage: set it with fleece_set_storage())");
-    return false;
   }
   return true;
 }
@@ -736,12 +666,12 @@ remove_unfinished_targets (struct fleece_handle *h, json_object *record)
 {
   json_object *drives;
 
-  if (g_strcmp0 (jstr (record, "state"), "succeeded") == 0 ||
+  if (g_strcmp0 (fleece_jstr (record, "state"), "succeeded") == 0 ||
       !json_object_object_get_ex (record, "drives", &drives))
     return;
   for (size_t i = 0; i < json_object_array_length (drives); i++) {
     json_object *d = json_object_array_get_idx (drives, i);
-    const char *path = jstr (d, "target-file");
+    const char *path = fleece_jstr (d, "target-file");
 
     if (path && unlink (path) == 0)
       fleece_log (h, FLEECE_LOG_INFO, "removed the unfinished backup %s", path);
@@ -753,7 +683,7 @@ qemu_cleanup (struct fleece_handle *h, json_object *record, GError **err)
 {
   if (h->qmp && !undo_graph (h, record, false, err))
     return false;
-  if (!free_images (h, record, err))
+  if (!fleece_free_recorded_images (h, record, err))
     return false;
   remove_unfinished_targets (h, record);
   return true;
@@ -776,8 +706,8 @@ qom_get_str (struct fleece_handle *h, const char *path, const char *prop)
   g_autoptr (json_object) r = NULL;
   const char *v;
 
-  jset_str (a, "path", path);
-  jset_str (a, "property", prop);
+  fleece_jset_str (a, "path", path);
+  fleece_jset_str (a, "property", prop);
   r = fleece_qmp_execute (h->qmp, "qom-get", a, NULL);
   if (!r || !json_object_is_type (r, json_type_string))
     return NULL;
@@ -850,12 +780,12 @@ check_bitmaps (struct fleece_handle *h, struct fleece_plan *p, GError **err)
 
     for (size_t j = 0; j < json_object_array_length (nodes) && !found; j++) {
       json_object *n = json_object_array_get_idx (nodes, j), *bms;
-      if (g_strcmp0 (jstr (n, "node-name"), d->root) != 0 ||
+      if (g_strcmp0 (fleece_jstr (n, "node-name"), d->root) != 0 ||
           !json_object_object_get_ex (n, "dirty-bitmaps", &bms) ||
           !json_object_is_type (bms, json_type_array))
         continue;
       for (size_t k = 0; k < json_object_array_length (bms) && !found; k++)
-        found = g_strcmp0 (jstr (json_object_array_get_idx (bms, k), "name"),
+        found = g_strcmp0 (fleece_jstr (json_object_array_get_idx (bms, k), "name"),
                            h->bitmap) == 0;
     }
     if (!found) {
@@ -1000,7 +930,7 @@ attach_images (struct fleece_handle *h, struct fleece_plan *p, GError **err)
     if (!fleece_storage_alloc_image (h->storage, d->image, d->format, d->size,
                                      &d->volid, err))
       return false;
-    jset_str (record_drive (h, d->key), "volid", d->volid);
+    fleece_jset_str (record_drive (h, d->key), "volid", d->volid);
     if (!record_save (h, err))
       return false;
     if (!(path = fleece_storage_image_path (h->storage, d->volid, err)) ||
@@ -1067,7 +997,7 @@ create_targets (struct fleece_handle *h, struct fleece_plan *p,
 
     if (!fleece_image_create (path, t->format, d->size, err))
       return false;
-    jset_str (record_drive (h, d->key), "target-file", path);
+    fleece_jset_str (record_drive (h, d->key), "target-file", path);
   }
   return true;
 }
@@ -1083,9 +1013,9 @@ remove_new_targets (struct fleece_handle *h)
     return;
   for (size_t i = 0; i < json_object_array_length (drives); i++) {
     json_object *d = json_object_array_get_idx (drives, i);
-    if (jstr (d, "target-file")) {
-      unlink (jstr (d, "target-file"));
-      jset_str (d, "target-file", NULL);
+    if (fleece_jstr (d, "target-file")) {
+      unlink (fleece_jstr (d, "target-file"));
+      fleece_jset_str (d, "target-file", NULL);
     }
   }
 }
@@ -1136,7 +1066,7 @@ refresh_roots (struct fleece_handle *h, struct fleece_plan *p, GError **err)
     if (strcmp (cur, d->root) != 0) {
       g_free (d->root);
       d->root = g_strdup (cur);
-      jset_str (record_drive (h, d->key), "root", cur);
+      fleece_jset_str (record_drive (h, d->key), "root", cur);
     }
   }
   return true;
@@ -1169,11 +1099,11 @@ qemu_start (struct fleece_handle *h, struct fleece_plan *p,
    * shares one point in time with the jobs' transaction. */
   if (!(status = fleece_qmp_execute (h->qmp, "query-status", NULL, err)))
     goto fail_early;
-  if (jbool (status, "running"))
+  if (fleece_jbool (status, "running"))
     json_object_object_add (h->record, "paused-by-us", json_object_new_boolean (true));
   if (!record_save (h, err))
     goto fail_early;
-  if (jbool (status, "running") && !qmp_do (h, "stop", NULL, err))
+  if (fleece_jbool (status, "running") && !qmp_do (h, "stop", NULL, err))
     goto fail;
 
   ok = true;
@@ -1182,7 +1112,7 @@ qemu_start (struct fleece_handle *h, struct fleece_plan *p,
   ok = ok && insert_filters (h, p, err) && cmd_start_jobs (h, p, err);
   if (!ok)
     goto fail;
-  if (jbool (h->record, "paused-by-us")) {
+  if (fleece_jbool (h->record, "paused-by-us")) {
     if (!qmp_do (h, "cont", NULL, err))
       goto fail;
     json_object_object_add (h->record, "paused-by-us", json_object_new_boolean (false));
@@ -1277,7 +1207,7 @@ qemu_poll (struct fleece_handle *h, int timeout_ms, GError **err)
     }
     for (size_t i = 0; i < json_object_array_length (jobs); i++) {
       json_object *j = json_object_array_get_idx (jobs, i), *v;
-      FleeceDrive *d = drive_by_job (p, jstr (j, "id"));
+      FleeceDrive *d = drive_by_job (p, fleece_jstr (j, "id"));
       uint64_t done = 0, total;
 
       if (!d || d->result)
@@ -1290,11 +1220,11 @@ qemu_poll (struct fleece_handle *h, int timeout_ms, GError **err)
         total = MIN ((uint64_t) json_object_get_int64 (v), d->size);  /* incremental: less */
       if (json_object_object_get_ex (j, "current-progress", &v))
         done = MIN ((uint64_t) json_object_get_int64 (v), total);
-      if (g_strcmp0 (jstr (j, "status"), "concluded") == 0 && !jstr (j, "error"))
+      if (g_strcmp0 (fleece_jstr (j, "status"), "concluded") == 0 && !fleece_jstr (j, "error"))
         done = total;
       fleece_drive_set_progress (h, d, done, total);
-      if (g_strcmp0 (jstr (j, "status"), "concluded") == 0) {
-        const char *e = jstr (j, "error");
+      if (g_strcmp0 (fleece_jstr (j, "status"), "concluded") == 0) {
+        const char *e = fleece_jstr (j, "error");
         d->ended_us = g_get_real_time ();
         if (!e)
           d->result = g_strdup ("ok");

@@ -520,3 +520,50 @@ fleece_get_drive_elapsed_ms (struct fleece_handle *h, const char *key)
   end = d->ended_us ? d->ended_us : g_get_real_time ();
   return (end - d->started_us) / 1000;
 }
+
+bool
+fleece_free_recorded_images (struct fleece_handle *h, json_object *record,
+                             GError **err)
+{
+  json_object *drives;
+  g_autoptr (GString) failed = g_string_new (NULL);
+
+  if (!json_object_object_get_ex (record, "drives", &drives))
+    return true;
+  for (size_t i = 0; i < json_object_array_length (drives); i++) {
+    json_object *d = json_object_array_get_idx (drives, i);
+    const char *volid = fleece_jstr (d, "volid");
+    g_autoptr (GError) ferr = NULL;
+
+    if (!fleece_jbool (d, "fleeced"))
+      continue;
+    /* A crash between allocation and recording the volid: the directory
+     * storage's volid is the planned name; a caller's storage needs it. */
+    if (!volid) {
+      json_object *s;
+      if (json_object_object_get_ex (record, "storage", &s) &&
+          g_strcmp0 (fleece_jstr (s, "type"), "dir") == 0)
+        volid = fleece_jstr (d, "image");
+    }
+    if (!volid)
+      continue;
+    if (!h->storage) {
+      g_string_append_printf (failed, "%s%s", failed->len ? ", " : "", volid);
+      continue;
+    }
+    if (!fleece_storage_free_image (h->storage, volid, &ferr)) {
+      fleece_log (h, FLEECE_LOG_WARNING, "%s", ferr->message);
+      g_string_append_printf (failed, "%s%s", failed->len ? ", " : "", volid);
+      continue;
+    }
+    fleece_jset_str (d, "volid", NULL);
+  }
+  if (failed->len) {
+    g_set_error (err, FLEECE_ERROR, EIO,
+                 "could not free fleecing images of VM %u: %s%s", h->vmid,
+                 failed->str,
+                 h->storage ? "" : " (no storage: set it with fleece_set_storage())");
+    return false;
+  }
+  return true;
+}

@@ -29,6 +29,15 @@ void fleece_error_set_gerror (const char *func, const GError *err);
 /* The errno that best describes err. */
 int fleece_error_errno (const GError *err);
 
+/* ---- json.c ------------------------------------------------------- */
+
+/* Member key of o as a string / bool / integer (NULL, false, 0 if absent
+ * or null); set member key to a string or null. */
+const char *fleece_jstr (json_object *o, const char *key);
+bool fleece_jbool (json_object *o, const char *key);
+int64_t fleece_jint (json_object *o, const char *key);
+void fleece_jset_str (json_object *o, const char *key, const char *val);
+
 /* ---- image.c ------------------------------------------------------ */
 
 /* Create path as a raw (sparse) or qcow2 image of exactly size bytes;
@@ -183,6 +192,11 @@ bool fleece_valid_drive_key (const char *key);
  * public error conversion). */
 bool fleece_handle_open (struct fleece_handle *h, const char *qmp_path,
                          GError **err);
+
+/* engine.c: free the fleecing images a record lists (a volid not yet
+ * recorded is the planned name on a directory storage). */
+bool fleece_free_recorded_images (struct fleece_handle *h, json_object *record,
+                                  GError **err);
 
 /* The record store the handle is configured with. */
 FleeceRecordStore fleece_handle_record_store (struct fleece_handle *h);
