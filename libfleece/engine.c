@@ -45,6 +45,8 @@ fleece_engine_probe (struct fleece_handle *h, GError **err)
   f->discard_source = fleece_qmp_schema_command_has_arg (s, "blockdev-backup", "discard-source");
   f->perf_min_cluster_size =
     fleece_qmp_schema_arg_has_member (s, "blockdev-backup", "x-perf", "min-cluster-size");
+  f->perf_max_workers =
+    fleece_qmp_schema_arg_has_member (s, "blockdev-backup", "x-perf", "max-workers");
   fleece_qmp_get_version (h->qmp, &f->qemu_major, &f->qemu_minor, &f->qemu_micro);
 
   f->pve_support = fleece_qmp_schema_has_command (s, "query-proxmox-support");

@@ -101,6 +101,7 @@ typedef struct {
   bool snapshot_access;
   bool discard_source;          /* blockdev-backup discard-source */
   bool perf_min_cluster_size;   /* blockdev-backup x-perf.min-cluster-size */
+  bool perf_max_workers;        /* blockdev-backup x-perf.max-workers */
   int qemu_major, qemu_minor, qemu_micro;
 } FleeceFeatures;
 
