@@ -1,8 +1,9 @@
 #!/bin/sh
 # The README's test command: install what is needed, build with warnings as
-# errors, run every suite, then the unit suites under valgrind, the whole
-# suite under ASan+UBSan, and a short libFuzzer run of each fuzz target
-# (FLEECE_FUZZ_SECONDS, default 20).  Run as root on Debian 12.
+# errors, run every suite, then the unit suites and the engines' end-to-end
+# tests under valgrind, the whole suite under ASan+UBSan, and a short
+# libFuzzer run of each fuzz target (FLEECE_FUZZ_SECONDS, default 20).
+# Run as root on Debian 12.
 set -eu
 cd "$(dirname "$0")/.."
 top=$(pwd)
@@ -25,8 +26,12 @@ ninja -C build-test
 echo "== all suites"
 meson test -C build-test --print-errorlogs --num-processes 2
 
-echo "== unit suites under valgrind"
+echo "== unit suites and the engines' end-to-end tests under valgrind"
 meson test -C build-test --setup valgrind --suite unit --print-errorlogs --num-processes 2
+# The fault matrix and the demo would take several minutes more under
+# valgrind; ASan+UBSan covers them below.
+meson test -C build-test --setup valgrind --print-errorlogs --num-processes 1 \
+    test-lifecycle test-pve
 
 echo "== all suites under ASan+UBSan"
 setup build-asan -Dwerror=true -Dbuildtype=debug -Db_sanitize=address,undefined -Db_lundef=false
