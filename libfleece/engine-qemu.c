@@ -70,11 +70,15 @@ cbw_bitmap_name (const char *bitmap)
 }
 
 /* The job's cluster: discard is aligned inwards to it, so it must cover
- * the fleecing image's cluster (or RBD object); 4 MiB at least. */
+ * the fleecing image's cluster (or RBD object): 4 MiB in a caller's
+ * storage, 1 MiB in the directory storage, where 4 MiB chunks cost QEMU
+ * twice the CPU per byte and held fleecing backups to 58% of the
+ * throughput of plain ones (docs/benchmarks.md). */
 static uint64_t
-job_cluster (FleeceDrive *d)
+job_cluster (struct fleece_handle *h, FleeceDrive *d)
 {
-  return MAX ((uint64_t) MIN_JOB_CLUSTER, d->cluster_size);
+  return MAX (fleece_storage_min_job_cluster (h->storage, MIN_JOB_CLUSTER),
+              d->cluster_size);
 }
 
 /* The incremental job reads whole job clusters around each dirty bit, and
@@ -89,7 +93,7 @@ cmd_add_cbw_bitmap (struct fleece_handle *h, FleeceDrive *d, GError **err)
   json_object *from = json_object_new_array ();
 
   json_object_object_add (add, "granularity",
-                          json_object_new_int64 ((int64_t) job_cluster (d)));
+                          json_object_new_int64 ((int64_t) job_cluster (h, d)));
   json_object_object_add (add, "persistent", json_object_new_boolean (false));
   if (!qmp_do (h, "block-dirty-bitmap-add", add, err))
     return false;
@@ -231,7 +235,7 @@ backup_action (struct fleece_handle *h, FleeceDrive *d)
      * fleecing image's cluster (or RBD object). */
     if (d->fleeced && h->features.perf_min_cluster_size)
       json_object_object_add (perf, "min-cluster-size",
-                              json_object_new_int64 ((int64_t) job_cluster (d)));
+                              json_object_new_int64 ((int64_t) job_cluster (h, d)));
     json_object_object_add (a, "x-perf", perf);
   }
   fleece_jset_str (act, "type", "blockdev-backup");

@@ -48,6 +48,10 @@ bool fleece_image_create (const char *path, const char *format, uint64_t size,
 /* ---- storage.c ---------------------------------------------------- */
 
 unsigned fleece_storage_flags (const struct fleece_storage *st);
+/* The smallest backup job cluster whose discards free space in st: 1 MiB
+ * for the directory storage, fallback for a caller's. */
+uint64_t fleece_storage_min_job_cluster (const struct fleece_storage *st,
+                                         uint64_t fallback);
 /* Allocate name (already suffixed when the storage is path-based). */
 bool fleece_storage_alloc_image (struct fleece_storage *st, const char *name,
                                  const char *format, uint64_t size,

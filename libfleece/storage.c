@@ -206,6 +206,16 @@ fleece_storage_flags (const struct fleece_storage *st)
   return st ? st->flags : 0;
 }
 
+/* The directory storage frees file blocks (raw) or 64 KiB clusters
+ * (qcow2), so 1 MiB job clusters still discard; a caller's storage may
+ * allocate in units the library cannot know (RBD objects: 4 MiB). */
+uint64_t
+fleece_storage_min_job_cluster (const struct fleece_storage *st,
+                                uint64_t fallback)
+{
+  return st && st->type == STORAGE_DIR ? 1024 * 1024 : fallback;
+}
+
 static bool
 storage_check (const struct fleece_storage *st, GError **err)
 {
