@@ -378,33 +378,6 @@ attached_size (Attached *a, const char *id)
 
 /* ---- the record ----------------------------------------------------------- */
 
-static bool
-record_save (struct fleece_handle *h, GError **err)
-{
-  FleeceRecordStore rs = fleece_handle_record_store (h);
-  return fleece_record_store (&rs, h->vmid, h->record, err);
-}
-
-static void
-record_set_state (struct fleece_handle *h, const char *state)
-{
-  fleece_jset_str (h->record, "state", state);
-}
-
-static json_object *
-record_drive (struct fleece_handle *h, const char *key)
-{
-  json_object *drives;
-  if (!json_object_object_get_ex (h->record, "drives", &drives))
-    return NULL;
-  for (size_t i = 0; i < json_object_array_length (drives); i++) {
-    json_object *d = json_object_array_get_idx (drives, i);
-    if (g_strcmp0 (fleece_jstr (d, "key"), key) == 0)
-      return d;
-  }
-  return NULL;
-}
-
 /* Patched QEMUs before 10.0 find the fleecing image only as a BlockBackend
  * (blk_by_name); 10.0 also takes a node name, which qemu-server's blockdev
  * switch relies on.  No capability reports it, so the version decides. */
@@ -760,8 +733,8 @@ attach_images (struct fleece_handle *h, struct fleece_plan *p, GError **err)
     if (!fleece_storage_alloc_image (h->storage, d->image, d->format, d->size,
                                      &d->volid, err))
       return false;
-    fleece_jset_str (record_drive (h, d->key), "volid", d->volid);
-    if (!record_save (h, err))
+    fleece_jset_str (fleece_run_record_drive (h, d->key), "volid", d->volid);
+    if (!fleece_run_record_save (h, err))
       return false;
     if (!(path = fleece_storage_image_path (h->storage, d->volid, err)))
       return false;
@@ -788,7 +761,7 @@ rollback (struct fleece_handle *h)
     fleece_log (h, FLEECE_LOG_ERROR,
                 "undoing the failed step failed too: %s; fleece_cleanup() "
                 "will retry from the record", uerr->message);
-    record_save (h, NULL);
+    fleece_run_record_save (h, NULL);
     return;
   }
   if (!fleece_record_remove (&rs, h->vmid, &uerr))
@@ -815,14 +788,14 @@ pve_attach (struct fleece_handle *h, struct fleece_plan *p, GError **err)
   if (h->record)
     json_object_put (h->record);
   h->record = record_new (h, p);
-  if (!record_save (h, err))
+  if (!fleece_run_record_save (h, err))
     return false;
   if (!attach_images (h, p, err)) {
     rollback (h);
     return false;
   }
-  record_set_state (h, "attached");
-  if (!record_save (h, err)) {
+  fleece_run_record_set_state (h, "attached");
+  if (!fleece_run_record_save (h, err)) {
     rollback (h);
     return false;
   }
@@ -973,8 +946,8 @@ access_start (struct fleece_handle *h, struct fleece_plan *p,
   fleece_jset_str (h->record, "mode", "access");
   fleece_jset_str (h->record, "target-id", fleece_jstr (t->pve_args, "target-id"));
   json_object_object_add (h->record, "target", fleece_target_describe (t));
-  record_set_state (h, "starting");
-  if (!record_save (h, err))
+  fleece_run_record_set_state (h, "starting");
+  if (!fleece_run_record_save (h, err))
     goto fail;
   fleece_log (h, FLEECE_LOG_INFO, "setting up backup access %s for VM %u (%u drives)",
               fleece_jstr (t->pve_args, "target-id"), h->vmid, p->drives->len);
@@ -988,14 +961,14 @@ access_start (struct fleece_handle *h, struct fleece_plan *p,
 
     if (!d)
       continue;
-    json_object_object_add (record_drive (h, d->key), "access", json_object_get (info));
+    json_object_object_add (fleece_run_record_drive (h, d->key), "access", json_object_get (info));
     fleece_log (h, FLEECE_LOG_INFO, "%s: snapshot access node %s (%" PRId64 " bytes)%s%s",
                 d->key, fleece_jstr (info, "node-name"), fleece_jint (info, "size"),
                 fleece_jstr (info, "bitmap-name") ? ", bitmap " : "",
                 fleece_jstr (info, "bitmap-name") ? fleece_jstr (info, "bitmap-name") : "");
   }
-  record_set_state (h, "running");
-  if (!record_save (h, err))
+  fleece_run_record_set_state (h, "running");
+  if (!fleece_run_record_save (h, err))
     fleece_log (h, FLEECE_LOG_WARNING, "cannot update the record: %s", (*err)->message),
       g_clear_error (err);
   for (guint i = 0; i < p->drives->len; i++) {
@@ -1007,8 +980,8 @@ access_start (struct fleece_handle *h, struct fleece_plan *p,
 
  fail:
   fleece_jset_str (h->record, "mode", NULL);
-  record_set_state (h, "attached");
-  record_save (h, NULL);
+  fleece_run_record_set_state (h, "attached");
+  fleece_run_record_save (h, NULL);
   return false;
 }
 
@@ -1056,8 +1029,8 @@ pve_start (struct fleece_handle *h, struct fleece_plan *p,
   /* Ours from here on, also if we die before QEMU answers. */
   fleece_jset_str (h->record, "mode", "backup");
   json_object_object_add (h->record, "target", fleece_target_describe (t));
-  record_set_state (h, "starting");
-  if (!record_save (h, err))
+  fleece_run_record_set_state (h, "starting");
+  if (!fleece_run_record_save (h, err))
     goto fail;
   fleece_log (h, FLEECE_LOG_INFO, "starting the backup of VM %u (%u drives%s)",
               h->vmid, p->drives->len, fleecing ? ", with fleecing" : "");
@@ -1067,8 +1040,8 @@ pve_start (struct fleece_handle *h, struct fleece_plan *p,
     goto fail;
   }
   fleece_jset_str (h->record, "backup-uuid", fleece_jstr (r, "UUID"));
-  record_set_state (h, "running");
-  if (!record_save (h, err))
+  fleece_run_record_set_state (h, "running");
+  if (!fleece_run_record_save (h, err))
     fleece_log (h, FLEECE_LOG_WARNING, "cannot update the record: %s", (*err)->message),
       g_clear_error (err);
   for (guint i = 0; i < p->drives->len; i++) {
@@ -1081,8 +1054,8 @@ pve_start (struct fleece_handle *h, struct fleece_plan *p,
  fail:
   /* The patched QEMU undoes a refused backup itself: back to "attached". */
   fleece_jset_str (h->record, "mode", NULL);
-  record_set_state (h, "attached");
-  record_save (h, NULL);
+  fleece_run_record_set_state (h, "attached");
+  fleece_run_record_save (h, NULL);
   return false;
 }
 

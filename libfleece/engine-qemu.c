@@ -411,33 +411,6 @@ query_roots (struct fleece_handle *h, GError **err)
 
 /* ---- the record -------------------------------------------------------- */
 
-static bool
-record_save (struct fleece_handle *h, GError **err)
-{
-  FleeceRecordStore rs = fleece_handle_record_store (h);
-  return fleece_record_store (&rs, h->vmid, h->record, err);
-}
-
-static void
-record_set_state (struct fleece_handle *h, const char *state)
-{
-  fleece_jset_str (h->record, "state", state);
-}
-
-static json_object *
-record_drive (struct fleece_handle *h, const char *key)
-{
-  json_object *drives;
-  if (!json_object_object_get_ex (h->record, "drives", &drives))
-    return NULL;
-  for (size_t i = 0; i < json_object_array_length (drives); i++) {
-    json_object *d = json_object_array_get_idx (drives, i);
-    if (g_strcmp0 (fleece_jstr (d, "key"), key) == 0)
-      return d;
-  }
-  return NULL;
-}
-
 static json_object *
 record_new (struct fleece_handle *h, struct fleece_plan *p)
 {
@@ -964,8 +937,8 @@ attach_images (struct fleece_handle *h, struct fleece_plan *p, GError **err)
     if (!fleece_storage_alloc_image (h->storage, d->image, d->format, d->size,
                                      &d->volid, err))
       return false;
-    fleece_jset_str (record_drive (h, d->key), "volid", d->volid);
-    if (!record_save (h, err))
+    fleece_jset_str (fleece_run_record_drive (h, d->key), "volid", d->volid);
+    if (!fleece_run_record_save (h, err))
       return false;
     if (!(path = fleece_storage_image_path (h->storage, d->volid, err)) ||
         !cmd_add_fleecing (h, d, path, err))
@@ -988,7 +961,7 @@ rollback (struct fleece_handle *h)
     fleece_log (h, FLEECE_LOG_ERROR,
                 "undoing the failed step failed too: %s; fleece_cleanup() "
                 "will retry from the record", uerr->message);
-    record_save (h, NULL);
+    fleece_run_record_save (h, NULL);
     return;
   }
   if (!fleece_record_remove (&rs, h->vmid, &uerr))
@@ -1003,14 +976,14 @@ qemu_attach (struct fleece_handle *h, struct fleece_plan *p, GError **err)
   if (h->record)
     json_object_put (h->record);
   h->record = record_new (h, p);
-  if (!record_save (h, err))
+  if (!fleece_run_record_save (h, err))
     return false;
   if (!attach_images (h, p, err)) {
     rollback (h);
     return false;
   }
-  record_set_state (h, "attached");
-  if (!record_save (h, err)) {
+  fleece_run_record_set_state (h, "attached");
+  if (!fleece_run_record_save (h, err)) {
     rollback (h);
     return false;
   }
@@ -1031,7 +1004,7 @@ create_targets (struct fleece_handle *h, struct fleece_plan *p,
 
     if (!fleece_image_create (path, t->format, d->size, err))
       return false;
-    fleece_jset_str (record_drive (h, d->key), "target-file", path);
+    fleece_jset_str (fleece_run_record_drive (h, d->key), "target-file", path);
   }
   return true;
 }
@@ -1100,7 +1073,7 @@ refresh_roots (struct fleece_handle *h, struct fleece_plan *p, GError **err)
     if (strcmp (cur, d->root) != 0) {
       g_free (d->root);
       d->root = g_strdup (cur);
-      fleece_jset_str (record_drive (h, d->key), "root", cur);
+      fleece_jset_str (fleece_run_record_drive (h, d->key), "root", cur);
     }
   }
   return true;
@@ -1126,7 +1099,7 @@ qemu_start (struct fleece_handle *h, struct fleece_plan *p,
     return false;
   }
   json_object_object_add (h->record, "target", fleece_target_describe (t));
-  record_set_state (h, "starting");
+  fleece_run_record_set_state (h, "starting");
 
   /* Filters go in one drive at a time: with the vCPUs stopped meanwhile,
    * no guest write lands between the first and the last, so every drive
@@ -1135,7 +1108,7 @@ qemu_start (struct fleece_handle *h, struct fleece_plan *p,
     goto fail_early;
   if (fleece_jbool (status, "running"))
     json_object_object_add (h->record, "paused-by-us", json_object_new_boolean (true));
-  if (!record_save (h, err))
+  if (!fleece_run_record_save (h, err))
     goto fail_early;
   if (fleece_jbool (status, "running") && !qmp_do (h, "stop", NULL, err))
     goto fail;
@@ -1151,8 +1124,8 @@ qemu_start (struct fleece_handle *h, struct fleece_plan *p,
       goto fail;
     json_object_object_add (h->record, "paused-by-us", json_object_new_boolean (false));
   }
-  record_set_state (h, "running");
-  if (!record_save (h, err))
+  fleece_run_record_set_state (h, "running");
+  if (!fleece_run_record_save (h, err))
     fleece_log (h, FLEECE_LOG_WARNING, "cannot update the record: %s", (*err)->message),
       g_clear_error (err);
   for (guint i = 0; i < p->drives->len; i++) {
@@ -1175,8 +1148,8 @@ qemu_start (struct fleece_handle *h, struct fleece_plan *p,
   }
  fail_early:
   remove_new_targets (h);
-  record_set_state (h, "attached");
-  record_save (h, NULL);
+  fleece_run_record_set_state (h, "attached");
+  fleece_run_record_save (h, NULL);
   return false;
 }
 
@@ -1296,8 +1269,8 @@ qemu_poll (struct fleece_handle *h, int timeout_ms, GError **err)
         g_set_error (err, FLEECE_ERROR, EIO, "%s", failure);
         return -1;
       }
-      record_set_state (h, "succeeded");
-      if (!record_save (h, err))
+      fleece_run_record_set_state (h, "succeeded");
+      if (!fleece_run_record_save (h, err))
         return -1;
       fleece_log (h, FLEECE_LOG_INFO, "backup of VM %u finished", h->vmid);
       return 1;

@@ -569,3 +569,31 @@ fleece_free_recorded_images (struct fleece_handle *h, json_object *record,
   }
   return true;
 }
+
+bool
+fleece_run_record_save (struct fleece_handle *h, GError **err)
+{
+  FleeceRecordStore rs = fleece_handle_record_store (h);
+  return fleece_record_store (&rs, h->vmid, h->record, err);
+}
+
+void
+fleece_run_record_set_state (struct fleece_handle *h, const char *state)
+{
+  fleece_jset_str (h->record, "state", state);
+}
+
+json_object *
+fleece_run_record_drive (struct fleece_handle *h, const char *key)
+{
+  json_object *drives;
+
+  if (!json_object_object_get_ex (h->record, "drives", &drives))
+    return NULL;
+  for (size_t i = 0; i < json_object_array_length (drives); i++) {
+    json_object *d = json_object_array_get_idx (drives, i);
+    if (g_strcmp0 (fleece_jstr (d, "key"), key) == 0)
+      return d;
+  }
+  return NULL;
+}

@@ -203,6 +203,12 @@ bool fleece_handle_open (struct fleece_handle *h, const char *qmp_path,
 bool fleece_free_recorded_images (struct fleece_handle *h, json_object *record,
                                   GError **err);
 
+/* engine.c: the record of the run set up on h (h->record): store it
+ * durably, set its state, find a drive's entry by key. */
+bool fleece_run_record_save (struct fleece_handle *h, GError **err);
+void fleece_run_record_set_state (struct fleece_handle *h, const char *state);
+json_object *fleece_run_record_drive (struct fleece_handle *h, const char *key);
+
 /* The record store the handle is configured with. */
 FleeceRecordStore fleece_handle_record_store (struct fleece_handle *h);
 
