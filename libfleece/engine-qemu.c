@@ -949,25 +949,6 @@ attach_images (struct fleece_handle *h, struct fleece_plan *p, GError **err)
   return verify_sizes (h, p, err);
 }
 
-/* Undo after a failed step: the cause in err is kept, failures of the undo
- * are logged. */
-static void
-rollback (struct fleece_handle *h)
-{
-  g_autoptr (GError) uerr = NULL;
-  FleeceRecordStore rs = fleece_handle_record_store (h);
-
-  if (!qemu_cleanup (h, h->record, &uerr)) {
-    fleece_log (h, FLEECE_LOG_ERROR,
-                "undoing the failed step failed too: %s; fleece_cleanup() "
-                "will retry from the record", uerr->message);
-    fleece_run_record_save (h, NULL);
-    return;
-  }
-  if (!fleece_record_remove (&rs, h->vmid, &uerr))
-    fleece_log (h, FLEECE_LOG_WARNING, "%s", uerr->message);
-}
-
 static bool
 qemu_attach (struct fleece_handle *h, struct fleece_plan *p, GError **err)
 {
@@ -979,12 +960,12 @@ qemu_attach (struct fleece_handle *h, struct fleece_plan *p, GError **err)
   if (!fleece_run_record_save (h, err))
     return false;
   if (!attach_images (h, p, err)) {
-    rollback (h);
+    fleece_run_rollback (h, &fleece_engine_qemu_ops);
     return false;
   }
   fleece_run_record_set_state (h, "attached");
   if (!fleece_run_record_save (h, err)) {
-    rollback (h);
+    fleece_run_rollback (h, &fleece_engine_qemu_ops);
     return false;
   }
   return true;

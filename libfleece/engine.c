@@ -597,3 +597,20 @@ fleece_run_record_drive (struct fleece_handle *h, const char *key)
   }
   return NULL;
 }
+
+void
+fleece_run_rollback (struct fleece_handle *h, const FleeceEngineOps *ops)
+{
+  g_autoptr (GError) uerr = NULL;
+  FleeceRecordStore rs = fleece_handle_record_store (h);
+
+  if (!ops->cleanup (h, h->record, &uerr)) {
+    fleece_log (h, FLEECE_LOG_ERROR,
+                "undoing the failed step failed too: %s; fleece_cleanup() "
+                "will retry from the record", uerr->message);
+    fleece_run_record_save (h, NULL);
+    return;
+  }
+  if (!fleece_record_remove (&rs, h->vmid, &uerr))
+    fleece_log (h, FLEECE_LOG_WARNING, "%s", uerr->message);
+}

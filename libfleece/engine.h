@@ -36,6 +36,11 @@ char *fleece_pve_drive_add_command (const char *path, const char *id,
 /* The engine h uses (h->engine chosen at connect). */
 const FleeceEngineOps *fleece_engine_ops (struct fleece_handle *h);
 
+/* Undo a failed attach or start with ops->cleanup and remove the record;
+ * the step's own error is kept by the caller, failures of the undo are
+ * logged (and the record kept for fleece_cleanup()). */
+void fleece_run_rollback (struct fleece_handle *h, const FleeceEngineOps *ops);
+
 /* After connecting: load features and choose the engine. */
 bool fleece_engine_probe (struct fleece_handle *h, GError **err);
 /* (Re)choose h->engine from h->engine_request and h->features. */
