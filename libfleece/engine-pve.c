@@ -731,7 +731,7 @@ attach_images (struct fleece_handle *h, struct fleece_plan *p, GError **err)
     if (!d->fleeced)
       continue;
     if (!fleece_storage_alloc_image (h->storage, d->image, d->format, d->size,
-                                     &d->volid, err))
+                                     &d->volid, NULL, err))
       return false;
     fleece_jset_str (fleece_run_record_drive (h, d->key), "volid", d->volid);
     if (!fleece_run_record_save (h, err))

@@ -40,6 +40,10 @@ static char *snap_node (const char *key) { return g_strdup_printf ("%s-fleece-sn
 static char *target_node (const char *key) { return g_strdup_printf ("%s-fleece-tgt", key); }
 static char *target_file_node (const char *key) { return g_strdup_printf ("%s-fleece-tf", key); }
 static char *job_id (const char *key) { return g_strdup_printf ("fleece-%s", key); }
+/* blockdev-create jobs writing the qcow2 metadata of the fleecing image
+ * and of a directory target's image. */
+static char *format_job_id (const char *key) { return g_strdup_printf ("fleece-format-%s", key); }
+static char *target_format_job_id (const char *key) { return g_strdup_printf ("fleece-format-target-%s", key); }
 
 /* ---- commands -------------------------------------------------------- */
 
@@ -115,27 +119,64 @@ cmd_del_cbw_bitmap (struct fleece_handle *h, const char *root, const char *bitma
     fleece_log (h, FLEECE_LOG_DEBUG, "%s", err->message);
 }
 
-/* The fleecing image: format node over file node, discard passed down so
- * the backup's discard-source frees space in the storage. */
-static bool
-cmd_add_fleecing (struct fleece_handle *h, FleeceDrive *d, const char *path,
-                  GError **err)
+/* The protocol node of an image file (or of a caller's block device). */
+static json_object *
+file_node_args (const char *path, const char *node)
 {
-  g_autofree char *node = fleecing_node (d->key);
-  g_autofree char *fnode = fleecing_file_node (d->key);
-  json_object *a = json_object_new_object ();
   json_object *file = json_object_new_object ();
 
   fleece_jset_str (file, "driver",
             g_file_test (path, G_FILE_TEST_IS_REGULAR) ? "file" : "host_device");
   fleece_jset_str (file, "filename", path);
-  fleece_jset_str (file, "node-name", fnode);
+  fleece_jset_str (file, "node-name", node);
   fleece_jset_str (file, "discard", "unmap");
+  return file;
+}
+
+static bool
+cmd_add_file_node (struct fleece_handle *h, const char *path, const char *node,
+                   GError **err)
+{
+  return qmp_do (h, "blockdev-add", file_node_args (path, node), err);
+}
+
+/* QEMU writes qcow2 metadata for size bytes into the file under node, in a
+ * job: blockdev-create returns before it is done (settle_jobs() waits).
+ * Options as qemu-img's defaults: 64 KiB clusters, no preallocation. */
+static bool
+cmd_format_qcow2 (struct fleece_handle *h, const char *job, const char *node,
+                  uint64_t size, GError **err)
+{
+  json_object *a = json_object_new_object ();
+  json_object *o = json_object_new_object ();
+
+  fleece_jset_str (o, "driver", "qcow2");
+  fleece_jset_str (o, "file", node);
+  json_object_object_add (o, "size", json_object_new_int64 ((int64_t) size));
+  fleece_jset_str (a, "job-id", job);
+  json_object_object_add (a, "options", o);
+  return qmp_do (h, "blockdev-create", a, err);
+}
+
+/* The fleecing image: format node over file node, discard passed down so
+ * the backup's discard-source frees space in the storage.  The file node
+ * is added inline, or was added before (file_added) for QEMU to format. */
+static bool
+cmd_add_fleecing (struct fleece_handle *h, FleeceDrive *d, const char *path,
+                  bool file_added, GError **err)
+{
+  g_autofree char *node = fleecing_node (d->key);
+  g_autofree char *fnode = fleecing_file_node (d->key);
+  json_object *a = json_object_new_object ();
+
   fleece_jset_str (a, "driver", d->format);
   fleece_jset_str (a, "node-name", node);
   fleece_jset_str (a, "discard", "unmap");
   fleece_jset_str (a, "detect-zeroes", "unmap");
-  json_object_object_add (a, "file", file);
+  if (file_added)
+    fleece_jset_str (a, "file", fnode);
+  else
+    json_object_object_add (a, "file", file_node_args (path, fnode));
   /* Storages round sizes up (LVM extents); raw takes the exact size. */
   if (strcmp (d->format, "raw") == 0)
     json_object_object_add (a, "size", json_object_new_int64 ((int64_t) d->size));
@@ -192,12 +233,13 @@ cmd_add_snapshot_access (struct fleece_handle *h, FleeceDrive *d, GError **err)
 
 static bool
 cmd_add_target (struct fleece_handle *h, const struct fleece_target *t,
-                FleeceDrive *d, GError **err)
+                FleeceDrive *d, bool file_added, GError **err)
 {
   g_autofree char *node = target_node (d->key);
   g_autofree char *fnode = target_file_node (d->key);
   return qmp_do (h, "blockdev-add",
-                 fleece_target_blockdev (t, d->key, node, fnode), err);
+                 fleece_target_blockdev (t, d->key, node, fnode, file_added),
+                 err);
 }
 
 static json_object *
@@ -454,15 +496,34 @@ record_new (struct fleece_handle *h, struct fleece_plan *p)
 
 /* ---- cleanup, shared by failures and fleece_cleanup() -------------------- */
 
-static bool
-job_is_ours (json_object *drives, const char *id)
+typedef enum {
+  JOB_NONE,
+  JOB_BACKUP,           /* fleece-<key> */
+  JOB_FORMAT,           /* blockdev-create of the fleecing image */
+  JOB_TARGET_FORMAT,    /* blockdev-create of a directory target's image */
+} JobKind;
+
+/* Which of the jobs a run makes for the drives (record entries) id is, and
+ * for which drive (*entry). */
+static JobKind
+job_kind (json_object *drives, const char *id, json_object **entry)
 {
   for (size_t i = 0; i < json_object_array_length (drives); i++) {
-    g_autofree char *j = job_id (fleece_jstr (json_object_array_get_idx (drives, i), "key"));
-    if (g_strcmp0 (j, id) == 0)
-      return true;
+    json_object *d = json_object_array_get_idx (drives, i);
+    const char *key = fleece_jstr (d, "key");
+    g_autofree char *j = job_id (key);
+    g_autofree char *f = format_job_id (key);
+    g_autofree char *tf = target_format_job_id (key);
+    JobKind k = g_strcmp0 (j, id) == 0 ? JOB_BACKUP
+      : g_strcmp0 (f, id) == 0 ? JOB_FORMAT
+      : g_strcmp0 (tf, id) == 0 ? JOB_TARGET_FORMAT : JOB_NONE;
+
+    if (k != JOB_NONE) {
+      *entry = d;
+      return k;
+    }
   }
-  return false;
+  return JOB_NONE;
 }
 
 static bool
@@ -471,36 +532,55 @@ any_event (const char *event, json_object *data, void *opaque)
   return true;
 }
 
-/* Cancel the record's jobs and wait until they have really ended (job-cancel
- * returns before the job does), then dismiss them. */
+/* Wait until the jobs of drives (record entries; see job_kind()) have
+ * ended, and dismiss them: backup jobs with backups, blockdev-create jobs
+ * with formats.  With cancel, those still running are cancelled first, and
+ * how they ended does not matter (cancelled jobs end in errors); without,
+ * the first error a job ended with is the result.  job-cancel returns
+ * before the job has ended, blockdev-create before the job has written
+ * anything: both are waited for here. */
 static bool
-end_jobs (struct fleece_handle *h, json_object *drives, GError **err)
+settle_jobs (struct fleece_handle *h, json_object *drives, bool backups,
+             bool formats, bool cancel, GError **err)
 {
   gint64 deadline = g_get_monotonic_time () + JOB_END_TIMEOUT_MS * 1000LL;
-  GHashTable *cancelled = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
-  bool ok = false;
+  g_autoptr (GHashTable) cancelled = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
+  g_autoptr (GError) job_err = NULL;
 
   for (;;) {
     g_autoptr (json_object) jobs = fleece_qmp_execute (h->qmp, "query-jobs", NULL, err);
     bool pending = false;
 
     if (!jobs)
-      goto out;
+      return false;
     for (size_t i = 0; i < json_object_array_length (jobs); i++) {
       json_object *j = json_object_array_get_idx (jobs, i);
       const char *id = fleece_jstr (j, "id"), *status = fleece_jstr (j, "status");
+      json_object *d = NULL;
+      JobKind kind = id ? job_kind (drives, id, &d) : JOB_NONE;
 
-      if (!id || !job_is_ours (drives, id))
+      if (kind == JOB_NONE || (kind == JOB_BACKUP ? !backups : !formats))
         continue;
       if (g_strcmp0 (status, "concluded") == 0) {
+        if (!cancel && !job_err && fleece_jstr (j, "error")) {
+          const char *image = fleece_jstr (d, kind == JOB_FORMAT ? "image"
+                                           : "target-file");
+          if (kind == JOB_BACKUP || !image)
+            job_err = g_error_new (FLEECE_ERROR, EIO, "job %s failed: %s",
+                                   id, fleece_jstr (j, "error"));
+          else
+            job_err = g_error_new (FLEECE_ERROR, EIO, "QEMU could not write "
+                                   "the qcow2 metadata of %s (job %s): %s",
+                                   image, id, fleece_jstr (j, "error"));
+        }
         if (!cmd_job (h, "job-dismiss", id, err))
-          goto out;
+          return false;
         continue;
       }
       if (g_strcmp0 (status, "null") == 0)
         continue;
       pending = true;
-      if (!g_hash_table_contains (cancelled, id)) {
+      if (cancel && !g_hash_table_contains (cancelled, id)) {
         g_autoptr (GError) cerr = NULL;
         fleece_log (h, FLEECE_LOG_INFO, "cancelling job %s", id);
         /* It may conclude meanwhile and refuse: the next round dismisses it. */
@@ -513,10 +593,10 @@ end_jobs (struct fleece_handle *h, json_object *drives, GError **err)
       break;
     if (g_get_monotonic_time () > deadline) {
       g_set_error (err, FLEECE_ERROR, ETIMEDOUT,
-                   "backup jobs of VM %u did not end within %d s of being "
-                   "cancelled; run the cleanup again later", h->vmid,
-                   JOB_END_TIMEOUT_MS / 1000);
-      goto out;
+                   "jobs of VM %u did not end within %d s%s; run the cleanup "
+                   "again later", h->vmid, JOB_END_TIMEOUT_MS / 1000,
+                   cancel ? " of being cancelled" : "");
+      return false;
     }
     /* Wake on the next event (JOB_STATUS_CHANGE), at most 200 ms later. */
     {
@@ -526,14 +606,15 @@ end_jobs (struct fleece_handle *h, json_object *drives, GError **err)
         json_object_put (ev);
       else if (werr && !g_error_matches (werr, FLEECE_QMP_ERROR, FLEECE_QMP_ERROR_TIMEOUT)) {
         g_propagate_error (err, g_steal_pointer (&werr));
-        goto out;
+        return false;
       }
     }
   }
-  ok = true;
- out:
-  g_hash_table_unref (cancelled);
-  return ok;
+  if (job_err) {
+    g_propagate_error (err, g_steal_pointer (&job_err));
+    return false;
+  }
+  return true;
 }
 
 static bool
@@ -545,6 +626,31 @@ del_if_present (struct fleece_handle *h, GHashTable *nodes, const char *node,
   if (!cmd_del (h, node, err))
     return false;
   g_hash_table_remove (nodes, node);
+  return true;
+}
+
+typedef char *(*NodeNameFn) (const char *key);
+
+/* Delete, for every drive (record entries), the nodes names (NULL-ended)
+ * make of its key, if present; with requery, *nodes is refreshed first. */
+static bool
+del_layer (struct fleece_handle *h, json_object *drives, GHashTable **nodes,
+           const NodeNameFn *names, bool requery, GError **err)
+{
+  if (requery) {
+    g_hash_table_unref (*nodes);
+    if (!(*nodes = query_nodes (h, err)))
+      return false;
+  }
+  for (size_t i = 0; i < json_object_array_length (drives); i++) {
+    const char *key = fleece_jstr (json_object_array_get_idx (drives, i), "key");
+
+    for (const NodeNameFn *f = names; *f; f++) {
+      g_autofree char *node = (*f) (key);
+      if (!del_if_present (h, *nodes, node, err))
+        return false;
+    }
+  }
   return true;
 }
 
@@ -567,7 +673,7 @@ undo_graph (struct fleece_handle *h, json_object *record, bool keep_images,
     return false;
   }
   n = json_object_array_length (drives);
-  if (!end_jobs (h, drives, err))
+  if (!settle_jobs (h, drives, true, true, true, err))
     return false;
   if (!(nodes = query_nodes (h, err)) || !(roots = query_roots (h, err)))
     return false;
@@ -606,41 +712,21 @@ undo_graph (struct fleece_handle *h, json_object *record, bool keep_images,
         return false;
     }
   }
-  for (size_t i = 0; i < n; i++) {
-    const char *key = fleece_jstr (json_object_array_get_idx (drives, i), "key");
-    g_autofree char *cbw = cbw_node (key);
-    g_autofree char *tgt = target_node (key);
+  /* Children added inline go with their parent, those added on their own
+   * (to be formatted) stay: look again before each layer, once for all
+   * drives (once per drive made cleanup quadratic: 2.2 s for 64 drives,
+   * docs/benchmarks.md).  A target's file node goes also when the images
+   * stay: the target file itself is removed. */
+  {
+    static const NodeNameFn filters[] = { cbw_node, target_node, NULL };
+    static const NodeNameFn images[] = { target_file_node, fleecing_node, NULL };
+    static const NodeNameFn target_files[] = { target_file_node, NULL };
+    static const NodeNameFn image_files[] = { fleecing_file_node, NULL };
 
-    if (!del_if_present (h, nodes, cbw, err) ||
-        !del_if_present (h, nodes, tgt, err))
+    if (!del_layer (h, drives, &nodes, filters, false, err) ||
+        !del_layer (h, drives, &nodes, keep_images ? target_files : images, true, err) ||
+        (!keep_images && !del_layer (h, drives, &nodes, image_files, true, err)))
       return false;
-  }
-  if (!keep_images) {
-    /* Children added inline go with their parent: look again before each
-     * layer, once for all drives (once per drive made cleanup quadratic:
-     * 2.2 s for 64 drives, docs/benchmarks.md). */
-    g_hash_table_unref (nodes);
-    if (!(nodes = query_nodes (h, err)))
-      return false;
-    for (size_t i = 0; i < n; i++) {
-      const char *key = fleece_jstr (json_object_array_get_idx (drives, i), "key");
-      g_autofree char *tf = target_file_node (key);
-      g_autofree char *fl = fleecing_node (key);
-
-      if (!del_if_present (h, nodes, tf, err) ||
-          !del_if_present (h, nodes, fl, err))
-        return false;
-    }
-    g_hash_table_unref (nodes);
-    if (!(nodes = query_nodes (h, err)))
-      return false;
-    for (size_t i = 0; i < n; i++) {
-      const char *key = fleece_jstr (json_object_array_get_idx (drives, i), "key");
-      g_autofree char *ff = fleecing_file_node (key);
-
-      if (!del_if_present (h, nodes, ff, err))
-        return false;
-    }
   }
 
   if (fleece_jbool (record, "paused-by-us")) {
@@ -861,10 +947,18 @@ qemu_check_plan (struct fleece_handle *h, struct fleece_plan *p, GError **err)
 static bool
 remove_leftovers (struct fleece_handle *h, struct fleece_plan *p, GError **err)
 {
-  g_autoptr (GHashTable) nodes = query_nodes (h, err);
+  g_autoptr (GHashTable) nodes = NULL;
+  g_autoptr (json_object) keys = json_object_new_array ();
   guint before;
 
-  if (!nodes)
+  /* A run that died while QEMU formatted its images left the jobs. */
+  for (guint i = 0; i < p->drives->len; i++) {
+    json_object *k = json_object_new_object ();
+    fleece_jset_str (k, "key", ((FleeceDrive *) p->drives->pdata[i])->key);
+    json_object_array_add (keys, k);
+  }
+  if (!settle_jobs (h, keys, false, true, true, err) ||
+      !(nodes = query_nodes (h, err)))
     return false;
   before = g_hash_table_size (nodes);
   for (guint i = 0; i < p->drives->len; i++) {
@@ -925,23 +1019,59 @@ verify_sizes (struct fleece_handle *h, struct fleece_plan *p, GError **err)
   return true;
 }
 
+/* The record's drive entries (record_new() always makes the array). */
+static json_object *
+record_drives (struct fleece_handle *h)
+{
+  json_object *drives = NULL;
+  json_object_object_get_ex (h->record, "drives", &drives);
+  return drives;
+}
+
+/* Images from the directory storage in qcow2 come as empty files: QEMU
+ * writes their metadata, one blockdev-create job per image started as soon
+ * as its file node exists and all awaited together, which for 64 drives
+ * costs a tenth of running qemu-img 64 times (docs/benchmarks.md). */
 static bool
 attach_images (struct fleece_handle *h, struct fleece_plan *p, GError **err)
 {
+  g_autofree bool *formatting = g_new0 (bool, p->drives->len + 1);
+  bool any = false;
+
   for (guint i = 0; i < p->drives->len; i++) {
     FleeceDrive *d = p->drives->pdata[i];
     g_autofree char *path = NULL;
+    g_autofree char *fnode = fleecing_file_node (d->key);
+    g_autofree char *job = format_job_id (d->key);
 
     if (!d->fleeced)
       continue;
     if (!fleece_storage_alloc_image (h->storage, d->image, d->format, d->size,
-                                     &d->volid, err))
+                                     &d->volid, &formatting[i], err))
       return false;
     fleece_jset_str (fleece_run_record_drive (h, d->key), "volid", d->volid);
     if (!fleece_run_record_save (h, err))
       return false;
-    if (!(path = fleece_storage_image_path (h->storage, d->volid, err)) ||
-        !cmd_add_fleecing (h, d, path, err))
+    if (!(path = fleece_storage_image_path (h->storage, d->volid, err)))
+      return false;
+    if (formatting[i]) {
+      if (!cmd_add_file_node (h, path, fnode, err) ||
+          !cmd_format_qcow2 (h, job, fnode, d->size, err))
+        return false;
+      any = true;
+    } else if (!cmd_add_fleecing (h, d, path, false, err)) {
+      return false;
+    }
+  }
+  if (any && !settle_jobs (h, record_drives (h), false, true, false, err)) {
+    return false;
+  }
+  for (guint i = 0; i < p->drives->len; i++) {
+    FleeceDrive *d = p->drives->pdata[i];
+
+    if (!d->fleeced)
+      continue;
+    if (formatting[i] && !cmd_add_fleecing (h, d, NULL, true, err))
       return false;
     fleece_log (h, FLEECE_LOG_INFO, "attached %s (%s, %" G_GUINT64_FORMAT
                 " bytes) for %s", d->image, d->format, d->size, d->key);
@@ -977,16 +1107,59 @@ static bool
 create_targets (struct fleece_handle *h, struct fleece_plan *p,
                 struct fleece_target *t, GError **err)
 {
+  bool qcow2;
+
   if (t->kind != FLEECE_TARGET_DIR)
     return true;
+  qcow2 = strcmp (t->format, "qcow2") == 0;
   for (guint i = 0; i < p->drives->len; i++) {
     FleeceDrive *d = p->drives->pdata[i];
     g_autofree char *path = fleece_target_dir_path (t, d->key);
 
-    if (!fleece_image_create (path, t->format, d->size, err))
+    if (qcow2 && d->size % 512) {
+      g_set_error (err, FLEECE_ERROR, EINVAL,
+                   "cannot back up %s (%" G_GUINT64_FORMAT " bytes) into a "
+                   "qcow2 image: qcow2 sizes are multiples of 512 bytes; use "
+                   "a raw target", d->key, d->size);
+      return false;
+    }
+    if (!fleece_image_create_file (path, qcow2 ? 0 : d->size, err))
       return false;
     fleece_jset_str (fleece_run_record_drive (h, d->key), "target-file", path);
   }
+  return true;
+}
+
+/* The target nodes; qcow2 images in a directory are formatted by QEMU, as
+ * the fleecing images are (attach_images()). */
+static bool
+add_targets (struct fleece_handle *h, struct fleece_plan *p,
+             struct fleece_target *t, GError **err)
+{
+  bool qcow2 = t->kind == FLEECE_TARGET_DIR && strcmp (t->format, "qcow2") == 0;
+
+  for (guint i = 0; i < p->drives->len; i++) {
+    FleeceDrive *d = p->drives->pdata[i];
+    g_autofree char *fnode = target_file_node (d->key);
+    g_autofree char *job = target_format_job_id (d->key);
+
+    if (!qcow2) {
+      if (!cmd_add_target (h, t, d, false, err))
+        return false;
+    } else if (!qmp_do (h, "blockdev-add",
+                        fleece_target_file_blockdev (t, d->key, fnode), err) ||
+               !cmd_format_qcow2 (h, job, fnode, d->size, err)) {
+      return false;
+    }
+  }
+  if (!qcow2)
+    return true;
+  if (!settle_jobs (h, record_drives (h), false, true, false, err)) {
+    return false;
+  }
+  for (guint i = 0; i < p->drives->len; i++)
+    if (!cmd_add_target (h, t, p->drives->pdata[i], true, err))
+      return false;
   return true;
 }
 
@@ -1065,7 +1238,6 @@ qemu_start (struct fleece_handle *h, struct fleece_plan *p,
             struct fleece_target *t, GError **err)
 {
   g_autoptr (json_object) status = NULL;
-  bool ok;
 
   if (t->kind == FLEECE_TARGET_PVE) {
     g_set_error (err, FLEECE_ERROR, EINVAL,
@@ -1091,14 +1263,13 @@ qemu_start (struct fleece_handle *h, struct fleece_plan *p,
     json_object_object_add (h->record, "paused-by-us", json_object_new_boolean (true));
   if (!fleece_run_record_save (h, err))
     goto fail_early;
+  /* The targets before the vCPUs stop: they take no part in the point in
+   * time, and formatting them need not lengthen the pause. */
+  if (!add_targets (h, p, t, err))
+    goto fail;
   if (fleece_jbool (status, "running") && !qmp_do (h, "stop", NULL, err))
     goto fail;
-
-  ok = true;
-  for (guint i = 0; ok && i < p->drives->len; i++)
-    ok = cmd_add_target (h, t, p->drives->pdata[i], err);
-  ok = ok && insert_filters (h, p, err) && cmd_start_jobs (h, p, err);
-  if (!ok)
+  if (!insert_filters (h, p, err) || !cmd_start_jobs (h, p, err))
     goto fail;
   if (fleece_jbool (h->record, "paused-by-us")) {
     if (!qmp_do (h, "cont", NULL, err))

@@ -40,10 +40,11 @@ void fleece_jset_str (json_object *o, const char *key, const char *val);
 
 /* ---- image.c ------------------------------------------------------ */
 
-/* Create path as a raw (sparse) or qcow2 image of exactly size bytes;
- * refuses to overwrite. */
-bool fleece_image_create (const char *path, const char *format, uint64_t size,
-                          GError **err);
+/* Create path as a new file (never over an existing one), mode 0600,
+ * sparse and of size bytes. */
+bool fleece_image_create_file (const char *path, uint64_t size, GError **err);
+/* Write qcow2 metadata for size bytes into the new file path (qemu-img). */
+bool fleece_image_format_qcow2 (const char *path, uint64_t size, GError **err);
 
 /* ---- storage.c ---------------------------------------------------- */
 
@@ -52,10 +53,15 @@ unsigned fleece_storage_flags (const struct fleece_storage *st);
  * for the directory storage, fallback for a caller's. */
 uint64_t fleece_storage_min_job_cluster (const struct fleece_storage *st,
                                          uint64_t fallback);
-/* Allocate name (already suffixed when the storage is path-based). */
+/* Allocate name (already suffixed when the storage is path-based).  With
+ * unformatted, the directory storage leaves a qcow2 image an empty file and
+ * sets *unformatted: the caller has QEMU write the metadata
+ * (blockdev-create); without, or from a caller's storage, images come
+ * complete. */
 bool fleece_storage_alloc_image (struct fleece_storage *st, const char *name,
                                  const char *format, uint64_t size,
-                                 char **volid, GError **err);
+                                 char **volid, bool *unformatted,
+                                 GError **err);
 bool fleece_storage_free_image (struct fleece_storage *st, const char *volid,
                                 GError **err);
 char *fleece_storage_image_path (struct fleece_storage *st, const char *volid,

@@ -6,19 +6,15 @@
  * edit; so the directory storage validates every name and volid it is given
  * and never builds a path outside its directory. */
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/types.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "internal.h"
-
-#define QEMU_IMG_DEFAULT "qemu-img"
 
 typedef enum {
   STORAGE_DIR,
@@ -230,62 +226,13 @@ storage_check (const struct fleece_storage *st, GError **err)
 
 /* ---- directory storage ---------------------------------------------- */
 
-/* qemu-img creates a qcow2 image in about 7 ms here (QEMU 10.0.2, 40 MiB or
- * 1 TiB alike: only the header and tables are written), far below the cost
- * of the QMP round trips around it.  The alternative, QMP blockdev-create,
- * needs a connection and a job per image to wait for; a process is simpler
- * and keeps storage independent of the handle. */
-static bool
-dir_create_qcow2 (const char *path, uint64_t size, GError **err)
-{
-  const char *env = g_getenv ("FLEECE_QEMU_IMG");
-  const char *qemu_img = env && *env ? env : QEMU_IMG_DEFAULT;
-  g_autofree char *size_str = g_strdup_printf ("%" PRIu64, size);
-  g_autofree char *child_err = NULL;
-  g_autoptr (GError) spawn_err = NULL;
-  int status = 0;
-  /* Default cluster size (64 KiB) and preallocation=off, so the image is
-   * thin and reuses clusters also on storage without discard.  "--" keeps
-   * the path from ever being read as an option. */
-  const char *argv[] = {
-    qemu_img, "create", "-q", "-f", "qcow2", "--", path, size_str, NULL
-  };
-
-  if (!g_spawn_sync (NULL, (char **) argv, NULL,
-                     G_SPAWN_SEARCH_PATH | G_SPAWN_STDOUT_TO_DEV_NULL |
-                     G_SPAWN_CLOEXEC_PIPES,
-                     NULL, NULL, NULL, &child_err, &status, &spawn_err)) {
-    int e = spawn_err->domain != G_SPAWN_ERROR ? EIO
-      : spawn_err->code == G_SPAWN_ERROR_NOENT ? ENOENT
-      : spawn_err->code == G_SPAWN_ERROR_ACCES ? EACCES : EIO;
-    g_set_error (err, FLEECE_ERROR, e,
-                 "cannot run %s to create %s: %s (set $FLEECE_QEMU_IMG to "
-                 "the qemu-img binary)", qemu_img, path, spawn_err->message);
-    return false;
-  }
-  if (!WIFEXITED (status) || WEXITSTATUS (status) != 0) {
-    g_autofree char *how = WIFEXITED (status)
-      ? g_strdup_printf ("exited with status %d", WEXITSTATUS (status))
-      : WIFSIGNALED (status)
-      ? g_strdup_printf ("was killed by signal %d", WTERMSIG (status))
-      : g_strdup ("failed");
-    g_strstrip (child_err);
-    g_set_error (err, FLEECE_ERROR, EIO,
-                 "%s create -f qcow2 %s %s %s%s%s", qemu_img, path,
-                 size_str, how, *child_err ? ": " : "", child_err);
-    return false;
-  }
-  return true;
-}
-
 static bool
 dir_alloc (struct fleece_storage *st, const char *name, const char *format,
-           uint64_t size, char **volid, GError **err)
+           uint64_t size, char **volid, bool *unformatted, GError **err)
 {
   g_autofree char *path = NULL;
   const char *suffix;
   bool qcow2 = strcmp (format, "qcow2") == 0;
-  int fd;
 
   if (!check_image_name (name, "image name", err))
     return false;
@@ -295,59 +242,23 @@ dir_alloc (struct fleece_storage *st, const char *name, const char *format,
                  "image name %s does not match its format %s", name, format);
     return false;
   }
-  /* qemu-img silently rounds a qcow2 size up to a sector, and the patched
-   * QEMU compares sector counts, so an unaligned size would surface later as
-   * a confusing mismatch.  Drive sizes in Proxmox are sector multiples. */
+  /* qcow2 sizes are whole sectors (qemu-img would silently round up), and
+   * the patched QEMU compares sector counts, so an unaligned size would
+   * surface later as a confusing mismatch.  Drive sizes in Proxmox are
+   * sector multiples. */
   if (qcow2 && size % 512 != 0) {
     g_set_error (err, FLEECE_ERROR, EINVAL,
                  "cannot create qcow2 image %s of %" PRIu64 " bytes: qcow2 "
                  "sizes must be a multiple of 512 bytes (use raw)", name, size);
     return false;
   }
-  if (size > (uint64_t) INT64_MAX) {
-    g_set_error (err, FLEECE_ERROR, EFBIG,
-                 "image %s: size %" PRIu64 " bytes is too large", name, size);
-    return false;
-  }
 
   path = g_build_filename (st->dir, name, NULL);
-
-  /* O_EXCL also for qcow2 (qemu-img create would silently truncate an
-   * existing file): an existing file may be a leftover still attached to a
-   * VM, or someone else's data.  0600: the image receives guest data. */
-  fd = open (path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (fd < 0) {
-    int e = errno;
-    if (e == EEXIST)
-      g_set_error (err, FLEECE_ERROR, EEXIST,
-                   "image %s already exists; not overwriting it (if it is a "
-                   "leftover of an earlier run, run fleece_cleanup() for "
-                   "that VM, or remove it after checking no VM uses it)",
-                   path);
-    else
-      g_set_error (err, FLEECE_ERROR, e, "cannot create image %s: %s", path,
-                   g_strerror (e));
+  if (!fleece_image_create_file (path, qcow2 ? 0 : size, err))
     return false;
-  }
-
-  if (!qcow2 && ftruncate (fd, (off_t) size) != 0) {
-    int e = errno;
-    g_set_error (err, FLEECE_ERROR, e,
-                 "cannot set the size of %s to %" PRIu64 " bytes: %s", path,
-                 size, g_strerror (e));
-    close (fd);
-    unlink (path);
-    return false;
-  }
-  if (close (fd) != 0) {
-    int e = errno;
-    g_set_error (err, FLEECE_ERROR, e, "cannot create image %s: %s", path,
-                 g_strerror (e));
-    unlink (path);
-    return false;
-  }
-
-  if (qcow2 && !dir_create_qcow2 (path, size, err)) {
+  if (qcow2 && unformatted)
+    *unformatted = true;
+  else if (qcow2 && !fleece_image_format_qcow2 (path, size, err)) {
     unlink (path);
     return false;
   }
@@ -470,10 +381,12 @@ cb_path (struct fleece_storage *st, const char *volid, GError **err)
 bool
 fleece_storage_alloc_image (struct fleece_storage *st, const char *name,
                             const char *format, uint64_t size, char **volid,
-                            GError **err)
+                            bool *unformatted, GError **err)
 {
   g_return_val_if_fail (volid != NULL, false);
 
+  if (unformatted)
+    *unformatted = false;
   if (!storage_check (st, err))
     return false;
   if (!name || !*name) {
@@ -492,7 +405,7 @@ fleece_storage_alloc_image (struct fleece_storage *st, const char *name,
     return false;
   }
   if (st->type == STORAGE_DIR)
-    return dir_alloc (st, name, format, size, volid, err);
+    return dir_alloc (st, name, format, size, volid, unformatted, err);
   return cb_alloc (st, name, format, size, volid, err);
 }
 

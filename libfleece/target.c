@@ -174,22 +174,31 @@ fleece_target_dir_path (const struct fleece_target *t, const char *key)
 }
 
 json_object *
+fleece_target_file_blockdev (const struct fleece_target *t, const char *key,
+                             const char *file_node)
+{
+  g_autofree char *path = fleece_target_dir_path (t, key);
+  json_object *file = json_object_new_object ();
+
+  json_object_object_add (file, "driver", json_object_new_string ("file"));
+  json_object_object_add (file, "filename", json_object_new_string (path));
+  json_object_object_add (file, "node-name", json_object_new_string (file_node));
+  return file;
+}
+
+json_object *
 fleece_target_blockdev (const struct fleece_target *t, const char *key,
-                        const char *node, const char *file_node)
+                        const char *node, const char *file_node,
+                        bool file_added)
 {
   json_object *o = json_object_new_object ();
 
   json_object_object_add (o, "node-name", json_object_new_string (node));
   if (t->kind == FLEECE_TARGET_DIR) {
-    g_autofree char *path = fleece_target_dir_path (t, key);
-    json_object *file = json_object_new_object ();
-
-    json_object_object_add (file, "driver", json_object_new_string ("file"));
-    json_object_object_add (file, "filename", json_object_new_string (path));
-    json_object_object_add (file, "node-name",
-                            json_object_new_string (file_node));
     json_object_object_add (o, "driver", json_object_new_string (t->format));
-    json_object_object_add (o, "file", file);
+    json_object_object_add (o, "file", file_added
+                            ? json_object_new_string (file_node)
+                            : fleece_target_file_blockdev (t, key, file_node));
   } else if (t->kind == FLEECE_TARGET_NBD) {
     json_object *server = json_object_new_object ();
 

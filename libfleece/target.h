@@ -22,9 +22,14 @@ struct fleece_target {
 json_object *fleece_target_describe (const struct fleece_target *t);
 /* dir targets: <dir>/<key>.<format> (g_free). */
 char *fleece_target_dir_path (const struct fleece_target *t, const char *key);
-/* blockdev-add arguments of the target node for drive key. */
+/* dir targets: blockdev-add arguments of the file node for drive key. */
+json_object *fleece_target_file_blockdev (const struct fleece_target *t,
+                                          const char *key,
+                                          const char *file_node);
+/* blockdev-add arguments of the target node for drive key; a dir target's
+ * file node inline, or by name if it was added before (file_added). */
 json_object *fleece_target_blockdev (const struct fleece_target *t,
                                      const char *key, const char *node,
-                                     const char *file_node);
+                                     const char *file_node, bool file_added);
 
 #endif

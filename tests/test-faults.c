@@ -585,49 +585,42 @@ kill_setup_once (Vm *vm, const char *mode, unsigned n, ProxyEnd *e)
 }
 
 /* Between two QMP commands the library works locally, and the proxy's
- * kills land just before or just after that work.  One local step takes
- * long enough to be hit in the middle: creating the fleecing image, after
- * which the record does not know its volid yet.  A qemu-img wrapper
- * creates the image, says so, and then hangs. */
+ * kills land just before or just after that work.  One window in it cannot
+ * be hit that way: the storage has created the fleecing image, the record
+ * does not name it yet (its volid).  Made here from a kill just before the
+ * first command after the image exists (blockdev-add of its file node),
+ * with the volids taken out of the record as a kill a moment earlier
+ * leaves it. */
 static void
-kill_during_image_create (Vm *vm)
+kill_before_volid_recorded (Vm *vm, char **cmds, unsigned total)
 {
-  g_autofree char *marker = g_build_filename (vm->dir, "qemu-img.pid", NULL);
-  g_autofree char *wrapper = g_build_filename (vm->dir, "qemu-img-hangs", NULL);
-  g_autofree char *script =
-    g_strdup_printf ("#!/bin/sh\nqemu-img \"$@\" || exit $?\n"
-                     "echo $$ > '%s.tmp' && mv '%s.tmp' '%s'\nexec sleep 60\n",
-                     marker, marker, marker);
-  g_autofree char *pidtext = NULL;
-  gint64 deadline = g_get_monotonic_time () + 30 * G_USEC_PER_SEC;
+  const char *what = "kill -9 before the record names the fleecing image";
+  unsigned n = 0;
   ProxyEnd e = { 0 };
-  Child c;
+  g_autofree char *name = g_strdup_printf ("%u.json", (unsigned) vm->vmid);
+  g_autofree char *path = g_build_filename (vm->state, name, NULL);
+  json_object *rec, *drives;
 
-  ck_assert (g_file_set_contents (wrapper, script, -1, NULL));
-  ck_assert_int_eq (chmod (wrapper, 0755), 0);
-  g_setenv ("FLEECE_QEMU_IMG", wrapper, TRUE);
-  c = child_fork (vm, CHILD_SETUP, BWLIMIT_SLOW);
-  g_unsetenv ("FLEECE_QEMU_IMG");
-  proxy_arm (vm->px, "count", 0, 0, 0);
-  ck_assert_int_eq (write (c.go, "g", 1), 1);
-  while (!g_file_get_contents (marker, &pidtext, NULL, NULL)) {
-    ck_assert_msg (g_get_monotonic_time () < deadline, "qemu-img was not run");
-    g_usleep (10000);
-  }
-  ck_assert_int_eq (kill (c.pid, SIGKILL), 0);
-  waitpid (c.pid, NULL, 0);
-  kill (atoi (pidtext), SIGKILL);
-  close (c.go);
-  close (c.done);
-  proxy_end (vm->px, &e);
+  while (n < total && strcmp (cmds[n], "blockdev-add") != 0)
+    n++;
+  ck_assert_uint_lt (n, total);
+  kill_setup_once (vm, "send", n + 1, &e);
+  ck_assert (e.fired);
   {
     g_auto (GStrv) files = tl_list_dir (vm->storage);
     ck_assert_uint_eq (g_strv_length (files), 1);
   }
-  recover (vm, "kill -9 while qemu-img creates the fleecing image");
-  assert_restored (vm, "kill -9 while qemu-img creates the fleecing image");
+  ck_assert_ptr_nonnull (rec = json_object_from_file (path));
+  ck_assert (json_object_object_get_ex (rec, "drives", &drives));
+  for (size_t i = 0; i < json_object_array_length (drives); i++)
+    json_object_object_del (json_object_array_get_idx (drives, i), "volid");
+  ck_assert_int_eq (json_object_to_file (path, rec), 0);
+  json_object_put (rec);
+  guest_write_all (vm);
+  recover (vm, what);
+  assert_restored (vm, what);
+  target_clear (vm);
   proxy_end_clear (&e);
-  g_unlink (marker);
 }
 
 START_TEST (test_kill_setup)
@@ -669,9 +662,9 @@ START_TEST (test_kill_setup)
       g_string_append_printf (table, "%s\n", what);
     }
   }
-  kill_during_image_create (vm);
+  kill_before_volid_recorded (vm, cmds, total);
   fprintf (stderr, "test_kill_setup: %u commands, %u kills, all restored:\n%s"
-           "kill -9 while qemu-img creates the fleecing image\n",
+           "kill -9 before the record names the fleecing image\n",
            total, 2 * total + 2, table->str);
   g_string_free (table, TRUE);
   proxy_end_clear (&e);

@@ -318,6 +318,56 @@ START_TEST (test_plan_shape)
 }
 END_TEST
 
+static json_object *
+node_named (json_object *nodes, const char *name)
+{
+  for (size_t i = 0; i < json_object_array_length (nodes); i++) {
+    json_object *n = json_object_array_get_idx (nodes, i), *v;
+    if (json_object_object_get_ex (n, "node-name", &v) &&
+        strcmp (json_object_get_string (v), name) == 0)
+      return n;
+  }
+  return NULL;
+}
+
+static int64_t
+json_path_int (json_object *o, const char *a, const char *b)
+{
+  json_object *x, *y;
+  ck_assert (json_object_object_get_ex (o, a, &x));
+  ck_assert (json_object_object_get_ex (x, b, &y));
+  return json_object_get_int64 (y);
+}
+
+/* After attach: the fleecing images QEMU wrote the qcow2 metadata of, each
+ * of its drive's exact size with 64 KiB clusters over its own file node,
+ * and none of the jobs that wrote them left behind. */
+static void
+assert_fleecing_images (Vm *vm)
+{
+  json_object *nodes = tl_qmp (vm->q, "query-named-block-nodes", tl_json ("{\"flat\": true}"));
+
+  for (size_t d = 0; d < NDISKS; d++) {
+    g_autofree char *fl = g_strdup_printf ("drive-%s-fleecing", disks[d].key);
+    g_autofree char *ff = g_strdup_printf ("%s-fleecing-file", disks[d].key);
+    json_object *fln = node_named (nodes, fl), *ffn = node_named (nodes, ff), *v;
+
+    if (!disks[d].fleeced) {
+      ck_assert_msg (!fln && !ffn, "%s has fleecing nodes", disks[d].key);
+      continue;
+    }
+    ck_assert_msg (fln && ffn, "%s: fleecing nodes missing", disks[d].key);
+    ck_assert (json_object_object_get_ex (fln, "drv", &v));
+    ck_assert_str_eq (json_object_get_string (v), "qcow2");
+    ck_assert (json_object_object_get_ex (ffn, "drv", &v));
+    ck_assert_str_eq (json_object_get_string (v), "file");
+    ck_assert_int_eq (json_path_int (fln, "image", "virtual-size"), (int64_t) disks[d].size);
+    ck_assert_int_eq (json_path_int (fln, "image", "cluster-size"), 65536);
+  }
+  json_object_put (nodes);
+  ck_assert_int_eq (tl_job_count (vm->q), 0);
+}
+
 /* The whole job: a slowed backup of every drive while the guest overwrites
  * what is not backed up yet. */
 static void
@@ -340,6 +390,7 @@ run_full_backup (const char *target_format)
     g_autofree char *list = g_strjoinv (",", files);
     ck_assert_str_eq (list, "vm-100-fleece-0.qcow2,vm-100-fleece-1.qcow2,vm-100-fleece-2.qcow2");
   }
+  assert_fleecing_images (vm);
   ck_assert_msg (fleece_start (h, p, t) == 0, "%s\n%s", fleece_get_error (), vm->log->str);
 
   written = overwrite_tail (vm, 0xee);

@@ -221,7 +221,7 @@ START_TEST (test_dir_raw)
   struct stat sb;
 
   ck_assert_msg (fleece_storage_alloc_image (st, "vm-100-fleece-0.raw", "raw",
-                                             size, &volid, &err),
+                                             size, &volid, NULL, &err),
                  "%s", err ? err->message : "");
   ck_assert_str_eq (volid, "vm-100-fleece-0.raw");
   path = fleece_storage_image_path (st, volid, &err);
@@ -239,7 +239,7 @@ START_TEST (test_dir_raw)
 
   /* Raw takes any byte count, and a name without suffix. */
   ck_assert_msg (fleece_storage_alloc_image (st, "vm-100-fleece-1", "raw",
-                                             1001, &volid2, &err),
+                                             1001, &volid2, NULL, &err),
                  "%s", err ? err->message : "");
   path2 = fleece_storage_image_path (st, volid2, &err);
   ck_assert_ptr_nonnull (path2);
@@ -270,7 +270,7 @@ START_TEST (test_dir_qcow2)
     struct stat sb;
 
     ck_assert_msg (fleece_storage_alloc_image (st, name, "qcow2", sizes[i],
-                                               &volid, &err),
+                                               &volid, NULL, &err),
                    "%s", err ? err->message : "");
     ck_assert_str_eq (volid, name);
     path = fleece_storage_image_path (st, volid, &err);
@@ -295,6 +295,61 @@ START_TEST (test_dir_qcow2)
 }
 END_TEST
 
+/* For the stock engine: qcow2 left an empty file for QEMU to format (and
+ * no qemu-img run: a failing one is installed), raw complete as always. */
+START_TEST (test_dir_unformatted)
+{
+  struct fleece_storage *st = new_dir_storage ();
+  g_autofree char *fake = g_build_filename (imgdir, "..", "qemu-img-fails", NULL);
+  struct stat sb;
+
+  ck_assert (g_file_set_contents (fake, "#!/bin/sh\nexit 1\n", -1, NULL));
+  ck_assert_int_eq (chmod (fake, 0755), 0);
+  g_setenv ("FLEECE_QEMU_IMG", fake, TRUE);
+  {
+    g_autoptr (GError) err = NULL;
+    g_autofree char *volid = NULL;
+    g_autofree char *path = NULL;
+    bool unformatted = false;
+
+    ck_assert_msg (fleece_storage_alloc_image (st, "vm-100-fleece-0.qcow2",
+                                               "qcow2", 40 * MIB, &volid,
+                                               &unformatted, &err),
+                   "%s", err ? err->message : "");
+    ck_assert (unformatted);
+    path = fleece_storage_image_path (st, volid, &err);
+    ck_assert_int_eq (stat (path, &sb), 0);
+    ck_assert_msg (S_ISREG (sb.st_mode), "not a regular file");
+    ck_assert_int_eq (sb.st_size, 0);
+    ck_assert_uint_eq (sb.st_mode & 07777, 0600);
+    /* Still never over an existing file. */
+    g_clear_pointer (&volid, g_free);
+    ck_assert (!fleece_storage_alloc_image (st, "vm-100-fleece-0.qcow2",
+                                            "qcow2", 40 * MIB, &volid,
+                                            &unformatted, &err));
+    assert_error (err, EEXIST, "already exists");
+  }
+  {
+    g_autoptr (GError) err = NULL;
+    g_autofree char *volid = NULL;
+    g_autofree char *path = NULL;
+    bool unformatted = true;
+
+    ck_assert_msg (fleece_storage_alloc_image (st, "vm-100-fleece-1.raw", "raw",
+                                               MIB + 512, &volid, &unformatted,
+                                               &err),
+                   "%s", err ? err->message : "");
+    ck_assert (!unformatted);
+    path = fleece_storage_image_path (st, volid, &err);
+    ck_assert_int_eq (stat (path, &sb), 0);
+    ck_assert_int_eq (sb.st_size, MIB + 512);
+  }
+  g_unsetenv ("FLEECE_QEMU_IMG");
+  unlink (fake);
+  fleece_storage_free (st);
+}
+END_TEST
+
 START_TEST (test_dir_qcow2_unaligned)
 {
   struct fleece_storage *st = new_dir_storage ();
@@ -303,7 +358,7 @@ START_TEST (test_dir_qcow2_unaligned)
 
   /* qemu-img would round this up silently. */
   ck_assert (!fleece_storage_alloc_image (st, "vm-100-fleece-0.qcow2",
-                                          "qcow2", 5 * 512 + 100, &volid,
+                                          "qcow2", 5 * 512 + 100, &volid, NULL,
                                           &err));
   assert_error (err, EINVAL, "multiple of 512");
   ck_assert_ptr_null (volid);
@@ -337,7 +392,7 @@ START_TEST (test_dir_qemu_img_override)
 
     g_setenv ("FLEECE_QEMU_IMG", failing, TRUE);
     ck_assert (!fleece_storage_alloc_image (st, "vm-7-fleece-0.qcow2",
-                                            "qcow2", MIB, &volid, &err));
+                                            "qcow2", MIB, &volid, NULL, &err));
     assert_error (err, EIO, "fake qemu-img: out of cheese");
     assert_error (err, EIO, "exited with status 3");
     ck_assert_int_eq (count_entries (imgdir), 0);
@@ -349,7 +404,7 @@ START_TEST (test_dir_qemu_img_override)
 
     g_setenv ("FLEECE_QEMU_IMG", "/nonexistent/qemu-img", TRUE);
     ck_assert (!fleece_storage_alloc_image (st, "vm-7-fleece-0.qcow2",
-                                            "qcow2", MIB, &volid, &err));
+                                            "qcow2", MIB, &volid, NULL, &err));
     assert_error (err, ENOENT, "FLEECE_QEMU_IMG");
     ck_assert_int_eq (count_entries (imgdir), 0);
   }
@@ -361,7 +416,7 @@ START_TEST (test_dir_qemu_img_override)
 
     g_setenv ("FLEECE_QEMU_IMG", wrapper, TRUE);
     ck_assert_msg (fleece_storage_alloc_image (st, "vm-7-fleece-0.qcow2",
-                                               "qcow2", MIB, &volid, &err),
+                                               "qcow2", MIB, &volid, NULL, &err),
                    "%s", err ? err->message : "");
     ck_assert (g_file_get_contents (marker, &args, NULL, NULL));
     ck_assert_msg (strstr (args, "create") && strstr (args, "qcow2") &&
@@ -392,7 +447,7 @@ START_TEST (test_dir_bad_names)
     char *path;
 
     ck_assert_msg (!fleece_storage_alloc_image (st, bad[i], "raw", MIB,
-                                                &volid, &e1),
+                                                &volid, NULL, &e1),
                    "accepted name #%zu", i);
     ck_assert_ptr_null (volid);
     ck_assert_msg (e1 && e1->code == EINVAL, "#%zu", i);
@@ -412,7 +467,7 @@ START_TEST (test_dir_bad_names)
     char *volid = NULL;
 
     ck_assert (!fleece_storage_alloc_image (st, "vm-1-fleece-0.raw\n", "raw",
-                                            MIB, &volid, &err));
+                                            MIB, &volid, NULL, &err));
     assert_error (err, EINVAL, "\"vm-1-fleece-0.raw\\n\"");
   }
 
@@ -430,19 +485,19 @@ START_TEST (test_dir_bad_format)
   {
     g_autoptr (GError) err = NULL;
     ck_assert (!fleece_storage_alloc_image (st, "vm-1-fleece-0.raw", "qcow2",
-                                            MIB, &volid, &err));
+                                            MIB, &volid, NULL, &err));
     assert_error (err, EINVAL, "does not match its format");
   }
   {
     g_autoptr (GError) err = NULL;
     ck_assert (!fleece_storage_alloc_image (st, "vm-1-fleece-0", "vmdk",
-                                            MIB, &volid, &err));
+                                            MIB, &volid, NULL, &err));
     assert_error (err, EINVAL, "neither raw nor qcow2");
   }
   {
     g_autoptr (GError) err = NULL;
     ck_assert (!fleece_storage_alloc_image (st, "vm-1-fleece-0", NULL, MIB,
-                                            &volid, &err));
+                                            &volid, NULL, &err));
     assert_error (err, EINVAL, "neither raw nor qcow2");
   }
   ck_assert_ptr_null (volid);
@@ -466,7 +521,7 @@ START_TEST (test_dir_no_overwrite)
     char *volid = NULL;
 
     write_file (path, "precious");
-    ck_assert (!fleece_storage_alloc_image (st, name, formats[i], MIB, &volid,
+    ck_assert (!fleece_storage_alloc_image (st, name, formats[i], MIB, &volid, NULL,
                                             &err));
     assert_error (err, EEXIST, "already exists");
     assert_error (err, EEXIST, path);
@@ -482,9 +537,9 @@ START_TEST (test_dir_no_overwrite)
     char *again = NULL;
 
     ck_assert (fleece_storage_alloc_image (st, "vm-100-fleece-1.raw", "raw",
-                                           MIB, &volid, &err));
+                                           MIB, &volid, NULL, &err));
     ck_assert (!fleece_storage_alloc_image (st, "vm-100-fleece-1.raw", "raw",
-                                            MIB, &again, &err));
+                                            MIB, &again, NULL, &err));
     assert_error (err, EEXIST, "already exists");
   }
 
@@ -498,7 +553,7 @@ START_TEST (test_dir_no_overwrite)
 
     ck_assert_int_eq (symlink (target, link), 0);
     ck_assert (!fleece_storage_alloc_image (st, "vm-100-fleece-2.raw", "raw",
-                                            MIB, &volid, &err));
+                                            MIB, &volid, NULL, &err));
     assert_error (err, EEXIST, "already exists");
     ck_assert (!g_file_test (target, G_FILE_TEST_EXISTS));
   }
@@ -514,7 +569,7 @@ START_TEST (test_dir_free)
   g_autofree char *path = NULL;
 
   ck_assert (fleece_storage_alloc_image (st, "vm-100-fleece-0.raw", "raw",
-                                         MIB, &volid, &err));
+                                         MIB, &volid, NULL, &err));
   path = fleece_storage_image_path (st, volid, &err);
   ck_assert (g_file_test (path, G_FILE_TEST_EXISTS));
 
@@ -620,7 +675,7 @@ START_TEST (test_callback)
   ck_assert_uint_eq (fleece_storage_flags (st), FLEECE_STORAGE_QCOW2);
 
   ck_assert_msg (fleece_storage_alloc_image (st, "vm-100-fleece-0", "qcow2",
-                                             40 * MIB + 4096, &volid, &err),
+                                             40 * MIB + 4096, &volid, NULL, &err),
                  "%s", err ? err->message : "");
   ck_assert_int_eq (f.allocs, 1);
   ck_assert_str_eq (f.name, "vm-100-fleece-0");
@@ -641,7 +696,7 @@ START_TEST (test_callback)
   {
     char *v = NULL;
     ck_assert (!fleece_storage_alloc_image (st, "vm-100-fleece-1", "raw", MIB,
-                                            &v, &err));
+                                            &v, NULL, &err));
     ck_assert_ptr_null (v);
     assert_error (err, ENOSPC, "alloc callback failed for image "
                   "vm-100-fleece-1");
@@ -652,7 +707,7 @@ START_TEST (test_callback)
   {
     char *v = NULL;
     ck_assert (!fleece_storage_alloc_image (st, "vm-100-fleece-1", "raw", MIB,
-                                            &v, &err));
+                                            &v, NULL, &err));
     assert_error (err, EIO, "alloc callback returned success but no volume "
                   "id");
     g_clear_error (&err);
@@ -684,7 +739,7 @@ START_TEST (test_callback_no_qcow2)
                                     fake_free, fake_path, &f, NULL);
   ck_assert_ptr_nonnull (st);
   ck_assert (!fleece_storage_alloc_image (st, "vm-1-fleece-0", "qcow2", MIB,
-                                          &volid, &err));
+                                          &volid, NULL, &err));
   assert_error (err, EINVAL, "cannot hold qcow2");
   ck_assert_int_eq (f.allocs, 0);
   fleece_storage_free (st);   /* no free_opaque: nothing to call */
@@ -819,7 +874,7 @@ START_TEST (test_no_storage)
 
   ck_assert_uint_eq (fleece_storage_flags (NULL), 0);
   ck_assert (!fleece_storage_alloc_image (NULL, "vm-1-fleece-0", "raw", MIB,
-                                          &volid, &e1));
+                                          &volid, NULL, &e1));
   assert_error (e1, EINVAL, "fleece_set_storage()");
   ck_assert (!fleece_storage_free_image (NULL, "vm-1-fleece-0", &e2));
   assert_error (e2, EINVAL, "fleece_set_storage()");
@@ -839,6 +894,7 @@ storage_suite (void)
   tcase_add_test (tc, test_dir_new);
   tcase_add_test (tc, test_dir_raw);
   tcase_add_test (tc, test_dir_qcow2);
+  tcase_add_test (tc, test_dir_unformatted);
   tcase_add_test (tc, test_dir_qcow2_unaligned);
   tcase_add_test (tc, test_dir_qemu_img_override);
   tcase_add_test (tc, test_dir_bad_names);
