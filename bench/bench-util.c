@@ -438,6 +438,12 @@ rewrite (const Variant *v, json_object *msg)
       if (v->discard_no_unref && g_strcmp0 (drv, "qcow2") == 0)
         json_object_object_add (args, "discard-no-unref", json_object_new_boolean (true));
     }
+    /* A file node added on its own, for QEMU to write qcow2 metadata in. */
+    if (node && g_str_has_suffix (node, "-fleecing-file")) {
+      set_cache (args, v);
+      if (v->aio)
+        json_object_object_add (args, "aio", json_object_new_string (v->aio));
+    }
     if (g_strcmp0 (drv, "copy-before-write") == 0 && v->cbw_min_cluster)
       json_object_object_add (args, "min-cluster-size",
                               json_object_new_int64 (v->cbw_min_cluster));
