@@ -194,17 +194,9 @@ proxy_stop (Proxy *px)
 /* The VM                                                              */
 /* ------------------------------------------------------------------ */
 
-typedef struct {
-  const char *key;
-  const char *format;
-  uint64_t size;
-  const char *bus;
-  bool fleeced;
-} Disk;
-
 /* Small and quick, but Proxmox-shaped: a fleeced qcow2 SCSI disk and an
  * EFI disk that is backed up without fleecing. */
-static const Disk disks[] = {
+static const TlDisk disks[] = {
   { "efidisk0", "raw", 528 * 1024, "virtio", false },
   { "scsi0", "qcow2", 8 * MiB, "scsi", true },
 };
@@ -212,15 +204,9 @@ static const Disk disks[] = {
 #define FLEECED 1   /* index of scsi0 */
 
 typedef struct {
-  TlQemu *q;
-  char *dir;            /* scratch: disks, storage, targets, state */
-  char *storage;
-  char *target;
-  char *state;
-  char *paths[NDISKS];
+  TlVm *tl;             /* QEMU, disks, storage, target, state */
   char *roots[NDISKS];  /* original root node of each device */
   guint8 *model[NDISKS];/* what the guest must see */
-  char **nodes_before;
   GString *log;
   Proxy *px;
   uint32_t vmid;
@@ -233,21 +219,10 @@ log_cb (void *opaque, int level, const char *msg)
   g_string_append_printf (opaque, "[%d] %s\n", level, msg);
 }
 
-static const char *
-disk_qdev (const Disk *d)
-{
-  static char buf[128];
-
-  if (strcmp (d->bus, "virtio") != 0)
-    return d->key;
-  g_snprintf (buf, sizeof buf, "/machine/peripheral/%s/virtio-backend", d->key);
-  return buf;
-}
-
 static bool
 vm_running (Vm *vm)
 {
-  json_object *st = tl_qmp (vm->q, "query-status", NULL), *v;
+  json_object *st = tl_qmp (vm->tl->q, "query-status", NULL), *v;
   bool r = json_object_object_get_ex (st, "running", &v) && json_object_get_boolean (v);
 
   json_object_put (st);
@@ -259,53 +234,22 @@ static Vm *
 vm_start_full (const char *const *extra, bool running)
 {
   Vm *vm = g_new0 (Vm, 1);
-  g_autoptr (GPtrArray) args = g_ptr_array_new_with_free_func (g_free);
-  TlQemu images;
-  bool scsi = false;
 
   vm->vmid = VMID;
-  vm->dir = tl_tmpdir_new ("faults");
-  images.dir = vm->dir;
+  vm->tl = tl_vm_new ("faults", disks, NDISKS, 1);
   for (size_t i = 0; i < NDISKS; i++) {
-    const Disk *d = &disks[i];
-    g_autofree char *name = g_strdup_printf ("%s.%s", d->key, d->format);
     uint64_t size = 0;
 
-    vm->paths[i] = tl_make_image (&images, name, d->format, d->size, (unsigned) i + 1);
-    vm->model[i] = tl_read_image (vm->paths[i], d->format, &size);
-    ck_assert_uint_eq (size, d->size);
-    g_ptr_array_add (args, g_strdup ("-drive"));
-    g_ptr_array_add (args, g_strdup_printf ("file=%s,if=none,id=drive-%s,format=%s,discard=unmap",
-                                            vm->paths[i], d->key, d->format));
-    if (strcmp (d->bus, "scsi") == 0 && !scsi) {
-      g_ptr_array_add (args, g_strdup ("-device"));
-      g_ptr_array_add (args, g_strdup ("virtio-scsi-pci,id=scsihw0"));
-      scsi = true;
-    }
-    g_ptr_array_add (args, g_strdup ("-device"));
-    if (strcmp (d->bus, "scsi") == 0)
-      g_ptr_array_add (args, g_strdup_printf ("scsi-hd,bus=scsihw0.0,drive=drive-%s,id=%s",
-                                              d->key, d->key));
-    else
-      g_ptr_array_add (args, g_strdup_printf ("virtio-blk-pci,drive=drive-%s,id=%s",
-                                              d->key, d->key));
+    vm->model[i] = tl_read_image (vm->tl->paths[i], disks[i].format, &size);
+    ck_assert_uint_eq (size, disks[i].size);
   }
-  for (size_t i = 0; extra && extra[i]; i++)
-    g_ptr_array_add (args, g_strdup (extra[i]));
-  g_ptr_array_add (args, NULL);
-  vm->q = tl_qemu_start ((const char *const *) args->pdata);
-  vm->storage = g_build_filename (vm->dir, "storage", NULL);
-  vm->target = g_build_filename (vm->dir, "target", NULL);
-  vm->state = g_build_filename (vm->dir, "state", NULL);
-  ck_assert_int_eq (g_mkdir (vm->storage, 0700), 0);
-  ck_assert_int_eq (g_mkdir (vm->target, 0700), 0);
+  tl_vm_start (vm->tl, extra);
   for (size_t i = 0; i < NDISKS; i++)
-    vm->roots[i] = tl_device_root (vm->q, disks[i].key);
-  vm->nodes_before = tl_node_names (vm->q);
+    vm->roots[i] = tl_device_root (vm->tl->q, disks[i].key);
   vm->log = g_string_new (NULL);
   /* Running, so that start's stop/cont (and "paused-by-us") is exercised. */
   if (running) {
-    json_object_put (tl_qmp (vm->q, "cont", NULL));
+    json_object_put (tl_qmp (vm->tl->q, "cont", NULL));
     ck_assert (vm_running (vm));
   }
   return vm;
@@ -321,18 +265,12 @@ static void
 vm_stop (Vm *vm)
 {
   proxy_stop (vm->px);
-  tl_qemu_stop (vm->q);
   for (size_t i = 0; i < NDISKS; i++) {
-    g_free (vm->paths[i]);
     g_free (vm->roots[i]);
     g_free (vm->model[i]);
   }
-  g_free (vm->storage);
-  g_free (vm->target);
-  g_free (vm->state);
-  g_strfreev (vm->nodes_before);
   g_string_free (vm->log, TRUE);
-  tl_tmpdir_free (vm->dir);
+  tl_vm_stop (vm->tl);
   g_free (vm);
 }
 
@@ -341,8 +279,8 @@ static const char *
 vm_proxy (Vm *vm)
 {
   if (!vm->px) {
-    g_autofree char *path = g_build_filename (vm->dir, "proxy.sock", NULL);
-    vm->px = proxy_start (vm->q->qmp_path, path);
+    g_autofree char *path = g_build_filename (vm->tl->dir, "proxy.sock", NULL);
+    vm->px = proxy_start (vm->tl->q->qmp_path, path);
   }
   return vm->px->path;
 }
@@ -356,11 +294,11 @@ vm_handle (Vm *vm, const char *qmp_path)
 
   ck_assert_ptr_nonnull (h);
   fleece_set_log_callback (h, log_cb, vm->log);
-  ck_assert_int_eq (fleece_set_state_dir (h, vm->state), 0);
+  ck_assert_int_eq (fleece_set_state_dir (h, vm->tl->state), 0);
   ck_assert_int_eq (fleece_set_vmid (h, vm->vmid), 0);
   if (qmp_path) {
     ck_assert_msg (fleece_connect (h, qmp_path) == 0, "%s", fleece_get_error ());
-    ck_assert_int_eq (fleece_set_storage (h, fleece_storage_new_dir (vm->storage)), 0);
+    ck_assert_int_eq (fleece_set_storage (h, fleece_storage_new_dir (vm->tl->storage)), 0);
   }
   return h;
 }
@@ -374,7 +312,7 @@ guest_write (Vm *vm, size_t i, uint64_t off, uint64_t len)
   g_autofree char *cmd = g_strdup_printf ("write -P 0x%02x %" G_GUINT64_FORMAT " %"
                                           G_GUINT64_FORMAT, pattern, off, len);
 
-  tl_guest_io (vm->q, disk_qdev (&disks[i]), cmd);
+  tl_guest_io (vm->tl->q, tl_disk_qdev (&disks[i]), cmd);
   memset (vm->model[i] + off, (int) pattern, len);
 }
 
@@ -403,17 +341,17 @@ empty_dir (const char *dir)
 static void
 assert_restored (Vm *vm, const char *what)
 {
-  g_auto (GStrv) nodes = tl_node_names (vm->q);
-  g_auto (GStrv) files = tl_list_dir (vm->storage);
-  g_auto (GStrv) state = g_file_test (vm->state, G_FILE_TEST_IS_DIR)
-                           ? tl_list_dir (vm->state) : g_new0 (char *, 1);
-  g_autofree char *nb = g_strjoinv (",", vm->nodes_before);
+  g_auto (GStrv) nodes = tl_node_names (vm->tl->q);
+  g_auto (GStrv) files = tl_list_dir (vm->tl->storage);
+  g_auto (GStrv) state = g_file_test (vm->tl->state, G_FILE_TEST_IS_DIR)
+                           ? tl_list_dir (vm->tl->state) : g_new0 (char *, 1);
+  g_autofree char *nb = g_strjoinv (",", vm->tl->nodes_before);
   g_autofree char *na = g_strjoinv (",", nodes);
   g_autofree char *st = g_strjoinv (",", state);
 
   ck_assert_msg (strcmp (na, nb) == 0, "%s: nodes %s, before %s\n%s", what, na, nb,
                  vm->log->str);
-  ck_assert_msg (tl_job_count (vm->q) == 0, "%s: jobs left", what);
+  ck_assert_msg (tl_job_count (vm->tl->q) == 0, "%s: jobs left", what);
   ck_assert_msg (g_strv_length (files) == 0, "%s: storage holds %s", what, files[0]);
   /* Lock files stay (removing one would let two runs lock different
    * inodes); nothing else: no record, no temporary file. */
@@ -421,7 +359,7 @@ assert_restored (Vm *vm, const char *what)
     ck_assert_msg (g_str_has_suffix (*f, ".lock") && g_ascii_isdigit (**f),
                    "%s: state dir holds %s", what, st);
   for (size_t i = 0; i < NDISKS; i++) {
-    g_autofree char *root = tl_device_root (vm->q, disks[i].key);
+    g_autofree char *root = tl_device_root (vm->tl->q, disks[i].key);
     ck_assert_msg (g_strcmp0 (root, vm->roots[i]) == 0, "%s: %s uses %s, not %s", what,
                    disks[i].key, root, vm->roots[i]);
   }
@@ -429,7 +367,7 @@ assert_restored (Vm *vm, const char *what)
   guest_write_all (vm);
   for (size_t i = 0; i < NDISKS; i++) {
     uint64_t size = 0;
-    g_autofree guint8 *now = tl_read_image (vm->paths[i], disks[i].format, &size);
+    g_autofree guint8 *now = tl_read_image (vm->tl->paths[i], disks[i].format, &size);
 
     ck_assert_uint_eq (size, disks[i].size);
     ck_assert_msg (memcmp (now, vm->model[i], size) == 0,
@@ -480,7 +418,7 @@ child_main (Vm *vm, ChildJob job, uint64_t bwlimit, int go, int done)
   if (read (go, &c, 1) != 1)
     _exit (90);
   h = fleece_new ();
-  if (!h || fleece_set_state_dir (h, vm->state) < 0 || fleece_set_vmid (h, vm->vmid) < 0)
+  if (!h || fleece_set_state_dir (h, vm->tl->state) < 0 || fleece_set_vmid (h, vm->vmid) < 0)
     _exit (91);
   if (job == CHILD_CLEANUP) {
     if (fleece_cleanup (h) < 0) {
@@ -489,10 +427,10 @@ child_main (Vm *vm, ChildJob job, uint64_t bwlimit, int go, int done)
     }
   } else {
     if (fleece_connect (h, vm->px->path) < 0 ||
-        fleece_set_storage (h, fleece_storage_new_dir (vm->storage)) < 0 ||
+        fleece_set_storage (h, fleece_storage_new_dir (vm->tl->storage)) < 0 ||
         fleece_set_bwlimit (h, bwlimit) < 0 ||
         !(p = fleece_plan (h)) || fleece_attach (h, p) < 0 ||
-        !(t = fleece_target_new_dir (vm->target, "raw")) ||
+        !(t = fleece_target_new_dir (vm->tl->target, "raw")) ||
         fleece_start (h, p, t) < 0) {
       fprintf (stderr, "child: %s\n", fleece_get_error ());
       _exit (93);
@@ -570,7 +508,7 @@ static void
 target_clear (Vm *vm)
 {
   /* Backups of killed runs are incomplete; the next run writes afresh. */
-  empty_dir (vm->target);
+  empty_dir (vm->tl->target);
 }
 
 /* One run of the setup in a child, faulted by mode at command n. */
@@ -598,7 +536,7 @@ kill_before_volid_recorded (Vm *vm, char **cmds, unsigned total)
   unsigned n = 0;
   ProxyEnd e = { 0 };
   g_autofree char *name = g_strdup_printf ("%u.json", (unsigned) vm->vmid);
-  g_autofree char *path = g_build_filename (vm->state, name, NULL);
+  g_autofree char *path = g_build_filename (vm->tl->state, name, NULL);
   json_object *rec, *drives;
 
   while (n < total && strcmp (cmds[n], "blockdev-add") != 0)
@@ -607,7 +545,7 @@ kill_before_volid_recorded (Vm *vm, char **cmds, unsigned total)
   kill_setup_once (vm, "send", n + 1, &e);
   ck_assert (e.fired);
   {
-    g_auto (GStrv) files = tl_list_dir (vm->storage);
+    g_auto (GStrv) files = tl_list_dir (vm->tl->storage);
     ck_assert_uint_eq (g_strv_length (files), 1);
   }
   ck_assert_ptr_nonnull (rec = json_object_from_file (path));
@@ -679,7 +617,7 @@ setup_run (Vm *vm, uint64_t bwlimit)
 {
   struct fleece_handle *h = vm_handle (vm, vm_proxy (vm));
   struct fleece_plan *p = fleece_plan (h);
-  struct fleece_target *t = fleece_target_new_dir (vm->target, "raw");
+  struct fleece_target *t = fleece_target_new_dir (vm->tl->target, "raw");
 
   ck_assert_msg (p != NULL, "%s", fleece_get_error ());
   ck_assert_int_eq (fleece_set_bwlimit (h, bwlimit), 0);
@@ -806,7 +744,7 @@ run_whole (Vm *vm, struct fleece_handle *h, const char *qmp_path, uint64_t bwlim
            const char **step)
 {
   struct fleece_plan *p = NULL;
-  struct fleece_target *t = fleece_target_new_dir (vm->target, "raw");
+  struct fleece_target *t = fleece_target_new_dir (vm->tl->target, "raw");
   char *failure = NULL;
   int r;
 
@@ -815,7 +753,7 @@ run_whole (Vm *vm, struct fleece_handle *h, const char *qmp_path, uint64_t bwlim
   do { if (!failure && !(cond)) { *step = name; failure = g_strdup (fleece_get_error ()); } } while (0)
   STEP ("fleece_connect", fleece_connect (h, qmp_path) == 0);
   if (!failure) {
-    ck_assert_int_eq (fleece_set_storage (h, fleece_storage_new_dir (vm->storage)), 0);
+    ck_assert_int_eq (fleece_set_storage (h, fleece_storage_new_dir (vm->tl->storage)), 0);
     ck_assert_int_eq (fleece_set_bwlimit (h, bwlimit), 0);
   }
   STEP ("fleece_plan", (p = fleece_plan (h)) != NULL);
@@ -853,7 +791,7 @@ assert_backup (Vm *vm, guint8 **pit, const char *what)
 {
   for (size_t i = 0; i < NDISKS; i++) {
     g_autofree char *name = g_strdup_printf ("%s.raw", disks[i].key);
-    g_autofree char *path = g_build_filename (vm->target, name, NULL);
+    g_autofree char *path = g_build_filename (vm->tl->target, name, NULL);
     uint64_t size = 0;
     g_autofree guint8 *got = tl_read_image (path, "raw", &size);
 
@@ -976,7 +914,7 @@ static void
 guest_flush (Vm *vm)
 {
   for (size_t i = 0; i < NDISKS; i++)
-    tl_guest_io (vm->q, disk_qdev (&disks[i]), "flush");
+    tl_guest_io (vm->tl->q, tl_disk_qdev (&disks[i]), "flush");
 }
 
 static void
@@ -984,8 +922,8 @@ kill_qemu (Vm *vm)
 {
   gint64 deadline = g_get_monotonic_time () + 10 * G_USEC_PER_SEC;
 
-  ck_assert_int_eq (kill (vm->q->pid, SIGKILL), 0);
-  while (tl_qemu_alive (vm->q))
+  ck_assert_int_eq (kill (vm->tl->q->pid, SIGKILL), 0);
+  while (tl_qemu_alive (vm->tl->q))
     ck_assert_msg (g_get_monotonic_time () < deadline, "QEMU does not die");
 }
 
@@ -995,7 +933,7 @@ assert_disks (Vm *vm, const char *what)
 {
   for (size_t i = 0; i < NDISKS; i++) {
     uint64_t size = 0;
-    g_autofree guint8 *now = tl_read_image (vm->paths[i], disks[i].format, &size);
+    g_autofree guint8 *now = tl_read_image (vm->tl->paths[i], disks[i].format, &size);
 
     ck_assert_uint_eq (size, disks[i].size);
     ck_assert_msg (memcmp (now, vm->model[i], size) == 0, "%s: %s lost guest writes", what,
@@ -1006,8 +944,8 @@ assert_disks (Vm *vm, const char *what)
 static void
 assert_nothing_kept (Vm *vm, const char *what)
 {
-  g_auto (GStrv) files = tl_list_dir (vm->storage);
-  g_autofree char *record = g_strdup_printf ("%s/%u.json", vm->state, vm->vmid);
+  g_auto (GStrv) files = tl_list_dir (vm->tl->storage);
+  g_autofree char *record = g_strdup_printf ("%s/%u.json", vm->tl->state, vm->vmid);
 
   ck_assert_msg (g_strv_length (files) == 0, "%s: storage holds %s", what, files[0]);
   ck_assert_msg (!g_file_test (record, G_FILE_TEST_EXISTS), "%s: the record is left", what);
@@ -1020,9 +958,9 @@ START_TEST (test_qemu_killed)
 {
   for (int mid = 0; mid < 2; mid++) {
     Vm *vm = vm_start ();
-    struct fleece_handle *h = vm_handle (vm, vm->q->qmp_path);
+    struct fleece_handle *h = vm_handle (vm, vm->tl->q->qmp_path);
     struct fleece_plan *p = fleece_plan (h);
-    struct fleece_target *t = fleece_target_new_dir (vm->target, "raw");
+    struct fleece_target *t = fleece_target_new_dir (vm->tl->target, "raw");
     const char *what = mid ? "QEMU killed mid-backup" : "QEMU killed after attach";
 
     ck_assert_int_eq (fleece_set_bwlimit (h, BWLIMIT_SLOW), 0);
@@ -1106,12 +1044,12 @@ START_TEST (test_storage_full)
   Vm *vm = vm_start ();
   struct fleece_handle *h;
   struct fleece_plan *p;
-  struct fleece_target *t = fleece_target_new_dir (vm->target, "raw");
+  struct fleece_target *t = fleece_target_new_dir (vm->tl->target, "raw");
   int r;
 
   /* Room for the qcow2 metadata, not for 4 MiB of old data. */
-  mount_tmpfs (vm->storage, "1m");
-  h = vm_handle (vm, vm->q->qmp_path);
+  mount_tmpfs (vm->tl->storage, "1m");
+  h = vm_handle (vm, vm->tl->q->qmp_path);
   ck_assert_int_eq (fleece_set_bwlimit (h, BWLIMIT_SLOW), 0);
   p = fleece_plan (h);
   ck_assert_int_eq (fleece_attach (h, p), 0);
@@ -1133,11 +1071,11 @@ START_TEST (test_storage_full)
   target_clear (vm);
   fleece_plan_free (p);
   fleece_free (h);
-  ck_assert_int_eq (umount (vm->storage), 0);
+  ck_assert_int_eq (umount (vm->tl->storage), 0);
 
   /* Not even the image's metadata fits. */
-  mount_tmpfs (vm->storage, "64k");
-  h = vm_handle (vm, vm->q->qmp_path);
+  mount_tmpfs (vm->tl->storage, "64k");
+  h = vm_handle (vm, vm->tl->q->qmp_path);
   p = fleece_plan (h);
   ck_assert_int_eq (fleece_attach (h, p), -1);
   ck_assert_msg (g_str_has_prefix (fleece_get_error (), "fleece_attach: ") &&
@@ -1148,7 +1086,7 @@ START_TEST (test_storage_full)
   assert_restored (vm, "fleecing storage full at attach");
   fleece_plan_free (p);
   fleece_free (h);
-  ck_assert_int_eq (umount (vm->storage), 0);
+  ck_assert_int_eq (umount (vm->tl->storage), 0);
 
   fleece_target_free (t);
   vm_stop (vm);
@@ -1265,11 +1203,11 @@ START_TEST (test_storage_slow)
     return;
   }
   vm = vm_start ();
-  slow.dir = g_build_filename (vm->dir, "slow", NULL);
+  slow.dir = g_build_filename (vm->tl->dir, "slow", NULL);
   slow.daemons = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
   ck_assert_int_eq (g_mkdir (slow.dir, 0700), 0);
-  t = fleece_target_new_dir (vm->target, "raw");
-  h = vm_handle (vm, vm->q->qmp_path);
+  t = fleece_target_new_dir (vm->tl->target, "raw");
+  h = vm_handle (vm, vm->tl->q->qmp_path);
   ck_assert_int_eq (fleece_set_storage (h, fleece_storage_new_callback (FLEECE_STORAGE_PATH,
                                                                         slow_alloc, slow_free,
                                                                         slow_path, &slow, NULL)),
@@ -1322,9 +1260,9 @@ END_TEST
 START_TEST (test_target_gone)
 {
   Vm *vm = vm_start ();
-  struct fleece_handle *h = vm_handle (vm, vm->q->qmp_path);
+  struct fleece_handle *h = vm_handle (vm, vm->tl->q->qmp_path);
   struct fleece_plan *p = fleece_plan (h);
-  g_autofree char *sock = g_build_filename (vm->dir, "nbd.sock", NULL);
+  g_autofree char *sock = g_build_filename (vm->tl->dir, "nbd.sock", NULL);
   g_autofree char *uri = g_strdup_printf ("nbd+unix:///?socket=%s", sock);
   g_autoptr (GPtrArray) argv = g_ptr_array_new_with_free_func (g_free);
   struct fleece_target *t;
@@ -1335,7 +1273,7 @@ START_TEST (test_target_gone)
   g_ptr_array_add (argv, g_strdup ("--nbd-server"));
   g_ptr_array_add (argv, g_strdup_printf ("addr.type=unix,addr.path=%s", sock));
   for (size_t i = 0; i < NDISKS; i++) {
-    g_autofree char *file = g_strdup_printf ("%s/%s.raw", vm->target, disks[i].key);
+    g_autofree char *file = g_strdup_printf ("%s/%s.raw", vm->tl->target, disks[i].key);
     int fd = open (file, O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
 
     ck_assert (fd >= 0 && ftruncate (fd, (off_t) disks[i].size) == 0);
@@ -1385,7 +1323,7 @@ START_TEST (test_cancel_phases)
   Vm *vm = vm_start ();
   struct fleece_handle *h = vm_handle (vm, NULL);
   struct fleece_plan *p;
-  struct fleece_target *t = fleece_target_new_dir (vm->target, "raw");
+  struct fleece_target *t = fleece_target_new_dir (vm->tl->target, "raw");
   int r;
 
 #define ASSERT_REFUSED() \
@@ -1396,8 +1334,8 @@ START_TEST (test_cancel_phases)
   } while (0)
 
   ASSERT_REFUSED ();                    /* not connected */
-  ck_assert_int_eq (fleece_connect (h, vm->q->qmp_path), 0);
-  ck_assert_int_eq (fleece_set_storage (h, fleece_storage_new_dir (vm->storage)), 0);
+  ck_assert_int_eq (fleece_connect (h, vm->tl->q->qmp_path), 0);
+  ck_assert_int_eq (fleece_set_storage (h, fleece_storage_new_dir (vm->tl->storage)), 0);
   ASSERT_REFUSED ();                    /* connected */
   p = fleece_plan (h);
   ASSERT_REFUSED ();                    /* planned */
@@ -1448,12 +1386,12 @@ START_TEST (test_cancel_phases)
   /* After the jobs ended but before fleece_wait saw it: the backup is
    * complete, yet the caller asked to cancel, so it is reported
    * cancelled; nothing is left either way. */
-  h = vm_handle (vm, vm->q->qmp_path);
+  h = vm_handle (vm, vm->tl->q->qmp_path);
   p = fleece_plan (h);
   ck_assert_int_eq (fleece_attach (h, p), 0);
   ck_assert_int_eq (fleece_start (h, p, t), 0);
   for (int i = 0; i < 500; i++) {
-    json_object *jobs = tl_qmp (vm->q, "query-jobs", NULL);
+    json_object *jobs = tl_qmp (vm->tl->q, "query-jobs", NULL);
     size_t concluded = 0;
 
     for (size_t j = 0; j < json_object_array_length (jobs); j++) {
@@ -1549,7 +1487,7 @@ END_TEST
 START_TEST (test_odd_paths)
 {
   Vm *vm = vm_start ();
-  g_autofree char *odd = g_build_filename (vm->dir, "a,b \"c\" 'd'\ne:f", NULL);
+  g_autofree char *odd = g_build_filename (vm->tl->dir, "a,b \"c\" 'd'\ne:f", NULL);
   g_autofree char *sock = NULL;
   struct fleece_handle *h;
   const char *step = NULL;
@@ -1558,16 +1496,16 @@ START_TEST (test_odd_paths)
   ProxyEnd e = { 0 };
 
   ck_assert_int_eq (g_mkdir (odd, 0700), 0);
-  g_free (vm->storage);
-  g_free (vm->target);
-  g_free (vm->state);
-  vm->storage = g_build_filename (odd, "st,orage=x", NULL);
-  vm->target = g_build_filename (odd, "tar get\"", NULL);
-  vm->state = g_build_filename (odd, "sta\nte", NULL);
-  ck_assert_int_eq (g_mkdir (vm->storage, 0700), 0);
-  ck_assert_int_eq (g_mkdir (vm->target, 0700), 0);
+  g_free (vm->tl->storage);
+  g_free (vm->tl->target);
+  g_free (vm->tl->state);
+  vm->tl->storage = g_build_filename (odd, "st,orage=x", NULL);
+  vm->tl->target = g_build_filename (odd, "tar get\"", NULL);
+  vm->tl->state = g_build_filename (odd, "sta\nte", NULL);
+  ck_assert_int_eq (g_mkdir (vm->tl->storage, 0700), 0);
+  ck_assert_int_eq (g_mkdir (vm->tl->target, 0700), 0);
   sock = g_build_filename (odd, "q,m p.sock", NULL);
-  vm->px = proxy_start (vm->q->qmp_path, sock);
+  vm->px = proxy_start (vm->tl->q->qmp_path, sock);
 
   for (size_t j = 0; j < NDISKS; j++)
     pit[j] = g_memdup2 (vm->model[j], disks[j].size);
@@ -1594,7 +1532,7 @@ END_TEST
 START_TEST (test_bad_record_attach)
 {
   Vm *vm = vm_start ();
-  g_autofree char *path = g_strdup_printf ("%s/%d.json", vm->state, VMID);
+  g_autofree char *path = g_strdup_printf ("%s/%d.json", vm->tl->state, VMID);
   static const struct { const char *content, *expect; } bad[] = {
     { "{\"version\": 1, \"vmid\": 1", "its JSON is incomplete (truncated?)" },
     { "\x7f" "ELF\x02\x01", "it is not JSON" },
@@ -1603,9 +1541,9 @@ START_TEST (test_bad_record_attach)
     { "[]", "it is a JSON array, not an object" },
   };
 
-  ck_assert_int_eq (g_mkdir (vm->state, 0700), 0);
+  ck_assert_int_eq (g_mkdir (vm->tl->state, 0700), 0);
   for (size_t i = 0; i < G_N_ELEMENTS (bad); i++) {
-    struct fleece_handle *h = vm_handle (vm, vm->q->qmp_path);
+    struct fleece_handle *h = vm_handle (vm, vm->tl->q->qmp_path);
     struct fleece_plan *p = fleece_plan (h);
     g_autofree char *after = NULL;
 
@@ -1680,7 +1618,7 @@ START_TEST (test_record_store_fails)
     for (size_t j = 0; j < NDISKS; j++)
       pit[j] = g_memdup2 (vm->model[j], disks[j].size);
     ck_assert_int_eq (fleece_set_record_callback (h, mem_load, mem_store, &m), 0);
-    failure = run_whole (vm, h, vm->q->qmp_path, 0, &step);
+    failure = run_whole (vm, h, vm->tl->q->qmp_path, 0, &step);
     if (failure) {
       ck_assert_msg (g_str_has_prefix (failure, step) &&
                      strstr (failure, "the record store callback failed to") &&
@@ -1734,7 +1672,7 @@ START_TEST (test_second_run_refused)
   c = child_fork (vm, CHILD_SETUP, BWLIMIT_SLOW);
   ck_assert_int_eq (write (c.go, "g", 1), 1);
   ck_assert_int_eq (read (c.done, &b, 1), 1);
-  during = tl_node_names (vm->q);
+  during = tl_node_names (vm->tl->q);
 
   h = vm_handle (vm, qmp2);
   p = fleece_plan (h);
@@ -1745,12 +1683,12 @@ START_TEST (test_second_run_refused)
                  "%s", fleece_get_error ());
   ck_assert_int_eq (fleece_cleanup (h), -1);
   ck_assert_int_eq (fleece_get_errno (), EBUSY);
-  after = tl_node_names (vm->q);
+  after = tl_node_names (vm->tl->q);
   {
     g_autofree char *a = g_strjoinv (",", during), *b2 = g_strjoinv (",", after);
     ck_assert_str_eq (a, b2);
   }
-  ck_assert_int_eq (tl_job_count (vm->q), NDISKS);
+  ck_assert_int_eq (tl_job_count (vm->tl->q), NDISKS);
 
   kill (c.pid, SIGKILL);
   waitpid (c.pid, &status, 0);
@@ -1763,7 +1701,7 @@ START_TEST (test_second_run_refused)
   /* A plan serves one run at a time. */
   ck_assert_int_eq (fleece_attach (h, p), 0);
   {
-    struct fleece_handle *h3 = vm_handle (vm, vm->q->qmp_path);
+    struct fleece_handle *h3 = vm_handle (vm, vm->tl->q->qmp_path);
 
     ck_assert_int_eq (fleece_attach (h3, p), -1);
     ck_assert_int_eq (fleece_get_errno (), EBUSY);
@@ -1801,15 +1739,15 @@ worker_backup (void *data)
   const char *keys[] = { bad, NULL };
   const char *step = NULL;
   struct fleece_plan *p = NULL;
-  struct fleece_target *t = fleece_target_new_dir (w->vm->target, "raw");
+  struct fleece_target *t = fleece_target_new_dir (w->vm->tl->target, "raw");
   int r = 0;
 
-  fleece_set_state_dir (h, w->vm->state);
+  fleece_set_state_dir (h, w->vm->tl->state);
   fleece_set_vmid (h, w->vm->vmid);
 #define STEP(name, cond) \
   do { if (!w->failure && !(cond)) { step = name; w->failure = g_strdup_printf ("%s: %s", step, fleece_get_error ()); } } while (0)
   STEP ("connect", fleece_connect (h, w->qmp) == 0);
-  STEP ("storage", fleece_set_storage (h, fleece_storage_new_dir (w->vm->storage)) == 0);
+  STEP ("storage", fleece_set_storage (h, fleece_storage_new_dir (w->vm->tl->storage)) == 0);
   STEP ("bwlimit", fleece_set_bwlimit (h, 8192) == 0);
   STEP ("plan", (p = fleece_plan (h)) != NULL);
   pthread_barrier_wait (w->barrier);
@@ -1845,12 +1783,12 @@ START_TEST (test_parallel_vms)
     vms[i] = vm_start ();
     vms[i]->vmid = VMID + (uint32_t) i;
     if (i) {
-      g_free (vms[i]->state);
-      vms[i]->state = g_strdup (vms[0]->state);
+      g_free (vms[i]->tl->state);
+      vms[i]->tl->state = g_strdup (vms[0]->tl->state);
     }
     memset (&w[i], 0, sizeof w[i]);
     w[i].vm = vms[i];
-    w[i].qmp = vms[i]->q->qmp_path;
+    w[i].qmp = vms[i]->tl->q->qmp_path;
     w[i].barrier = &barrier;
     for (size_t j = 0; j < NDISKS; j++)
       w[i].pit[j] = g_memdup2 (vms[i]->model[j], disks[j].size);
@@ -1870,8 +1808,8 @@ START_TEST (test_parallel_vms)
     for (size_t j = 0; j < NDISKS; j++)
       g_free (w[i].pit[j]);
   }
-  g_free (vms[1]->state);
-  vms[1]->state = g_build_filename (vms[1]->dir, "state", NULL);
+  g_free (vms[1]->tl->state);
+  vms[1]->tl->state = g_build_filename (vms[1]->tl->dir, "state", NULL);
   for (int i = 0; i < 2; i++)
     vm_stop (vms[i]);
   pthread_barrier_destroy (&barrier);
@@ -1885,10 +1823,10 @@ worker_attach (void *data)
   struct fleece_handle *h = fleece_new ();
   struct fleece_plan *p = NULL;
 
-  fleece_set_state_dir (h, w->vm->state);
+  fleece_set_state_dir (h, w->vm->tl->state);
   fleece_set_vmid (h, w->vm->vmid);
   if (fleece_connect (h, w->qmp) < 0 ||
-      fleece_set_storage (h, fleece_storage_new_dir (w->vm->storage)) < 0 ||
+      fleece_set_storage (h, fleece_storage_new_dir (w->vm->tl->storage)) < 0 ||
       !(p = fleece_plan (h))) {
     w->failure = g_strdup (fleece_get_error ());
     pthread_barrier_wait (w->barrier);
@@ -1920,7 +1858,7 @@ START_TEST (test_same_vm_race)
 
   pthread_barrier_init (&barrier, NULL, 2);
   for (int round = 0; round < 5; round++) {
-    Worker w[2] = { { .vm = vm, .qmp = vm->q->qmp_path, .barrier = &barrier },
+    Worker w[2] = { { .vm = vm, .qmp = vm->tl->q->qmp_path, .barrier = &barrier },
                     { .vm = vm, .qmp = qmp2, .barrier = &barrier } };
     pthread_t th[2];
 

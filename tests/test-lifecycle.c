@@ -21,18 +21,10 @@
 #define MiB (1024 * 1024)
 #define VMID 100
 
-typedef struct {
-  const char *key;      /* drive key */
-  const char *format;   /* source format */
-  uint64_t size;
-  const char *bus;      /* scsi, virtio */
-  bool fleeced;         /* expected by default */
-} Disk;
-
 /* Proxmox-like: SCSI disks on virtio-scsi, a virtio-blk disk, an EFI disk
  * and a TPM state (the last two never fleeced), qcow2 and raw sources, an
  * odd size. */
-static const Disk disks[] = {
+static const TlDisk disks[] = {
   { "efidisk0", "raw", 528 * 1024, "virtio", false },
   { "scsi0", "qcow2", 16 * MiB, "scsi", true },
   { "scsi1", "raw", 8 * MiB + 4096, "scsi", true },
@@ -42,13 +34,7 @@ static const Disk disks[] = {
 #define NDISKS G_N_ELEMENTS (disks)
 
 typedef struct {
-  TlQemu *q;
-  char *storage;       /* fleecing storage dir */
-  char *target;        /* backup target dir */
-  char *state;         /* state dir */
-  char *keep;          /* our scratch dir, holding the disks */
-  char *paths[NDISKS];
-  char **nodes_before;
+  TlVm *tl;            /* QEMU, disks, storage, target, state */
   GString *log;
 } Vm;
 
@@ -71,46 +57,15 @@ static Vm *
 vm_start_with (const char *extra_qmp)
 {
   Vm *vm = g_new0 (Vm, 1);
-  g_autoptr (GPtrArray) args = g_ptr_array_new_with_free_func (g_free);
-  char *keep = vm->keep = tl_tmpdir_new ("disks");
-  TlQemu images = { .dir = keep };  /* tl_make_image only needs the dir */
-  bool scsi = false;
+  g_autofree char *opt = NULL;
+  const char *extra[] = { "-qmp", NULL, NULL };
 
-  for (size_t i = 0; i < NDISKS; i++) {
-    const Disk *d = &disks[i];
-    g_autofree char *name = g_strdup_printf ("%s.%s", d->key, d->format);
-
-    vm->paths[i] = tl_make_image (&images, name, d->format, d->size, (unsigned) i + 1);
-    g_ptr_array_add (args, g_strdup ("-drive"));
-    g_ptr_array_add (args, g_strdup_printf ("file=%s,if=none,id=drive-%s,format=%s,discard=unmap",
-                                            vm->paths[i], d->key, d->format));
-    if (strcmp (d->bus, "scsi") == 0 && !scsi) {
-      g_ptr_array_add (args, g_strdup ("-device"));
-      g_ptr_array_add (args, g_strdup ("virtio-scsi-pci,id=scsihw0"));
-      scsi = true;
-    }
-    g_ptr_array_add (args, g_strdup ("-device"));
-    if (strcmp (d->bus, "scsi") == 0)
-      g_ptr_array_add (args, g_strdup_printf ("scsi-hd,bus=scsihw0.0,drive=drive-%s,id=%s",
-                                              d->key, d->key));
-    else
-      g_ptr_array_add (args, g_strdup_printf ("virtio-blk-pci,drive=drive-%s,id=%s",
-                                              d->key, d->key));
-  }
-  if (extra_qmp) {
-    /* A QMP monitor serves one client at a time: a second handle needs its
-     * own. */
-    g_ptr_array_add (args, g_strdup ("-qmp"));
-    g_ptr_array_add (args, g_strdup_printf ("unix:%s/%s,server=on,wait=off", keep, extra_qmp));
-  }
-  g_ptr_array_add (args, NULL);
-  vm->q = tl_qemu_start ((const char *const *) args->pdata);
-  vm->storage = g_build_filename (keep, "storage", NULL);
-  vm->target = g_build_filename (keep, "target", NULL);
-  vm->state = g_build_filename (keep, "state", NULL);
-  ck_assert_int_eq (g_mkdir (vm->storage, 0700), 0);
-  ck_assert_int_eq (g_mkdir (vm->target, 0700), 0);
-  vm->nodes_before = tl_node_names (vm->q);
+  vm->tl = tl_vm_new ("disks", disks, NDISKS, 1);
+  /* A QMP monitor serves one client at a time: a second handle needs its
+   * own. */
+  if (extra_qmp)
+    extra[1] = opt = g_strdup_printf ("unix:%s/%s,server=on,wait=off", vm->tl->dir, extra_qmp);
+  tl_vm_start (vm->tl, extra_qmp ? extra : NULL);
   vm->log = g_string_new (NULL);
   return vm;
 }
@@ -118,17 +73,8 @@ vm_start_with (const char *extra_qmp)
 static void
 vm_stop (Vm *vm)
 {
-  char *keep = vm->keep;
-
-  tl_qemu_stop (vm->q);
-  for (size_t i = 0; i < NDISKS; i++)
-    g_free (vm->paths[i]);
-  g_free (vm->storage);
-  g_free (vm->target);
-  g_free (vm->state);
-  g_strfreev (vm->nodes_before);
+  tl_vm_stop (vm->tl);
   g_string_free (vm->log, TRUE);
-  tl_tmpdir_free (keep);
   g_free (vm);
 }
 
@@ -139,18 +85,18 @@ vm_handle_on (Vm *vm, const char *qmp_path)
 
   ck_assert_ptr_nonnull (h);
   fleece_set_log_callback (h, log_cb, vm->log);
-  ck_assert_int_eq (fleece_set_state_dir (h, vm->state), 0);
+  ck_assert_int_eq (fleece_set_state_dir (h, vm->tl->state), 0);
   ck_assert_int_eq (fleece_set_vmid (h, VMID), 0);
   ck_assert_msg (fleece_connect (h, qmp_path) == 0, "%s", fleece_get_error ());
   ck_assert_int_eq (fleece_get_engine (h), FLEECE_ENGINE_QEMU);
-  ck_assert_int_eq (fleece_set_storage (h, fleece_storage_new_dir (vm->storage)), 0);
+  ck_assert_int_eq (fleece_set_storage (h, fleece_storage_new_dir (vm->tl->storage)), 0);
   return h;
 }
 
 static struct fleece_handle *
 vm_handle (Vm *vm)
 {
-  return vm_handle_on (vm, vm->q->qmp_path);
+  return vm_handle_on (vm, vm->tl->q->qmp_path);
 }
 
 /* Guest-visible content of every disk now (the point in time). */
@@ -160,7 +106,7 @@ snapshot_sources (Vm *vm)
   guint8 **data = g_new0 (guint8 *, NDISKS);
   for (size_t i = 0; i < NDISKS; i++) {
     uint64_t size = 0;
-    data[i] = tl_read_image (vm->paths[i], disks[i].format, &size);
+    data[i] = tl_read_image (vm->tl->paths[i], disks[i].format, &size);
     ck_assert_uint_eq (size, disks[i].size);
   }
   return data;
@@ -172,18 +118,6 @@ free_snapshot (guint8 **data)
   for (size_t i = 0; i < NDISKS; i++)
     g_free (data[i]);
   g_free (data);
-}
-
-/* What HMP qemu-io -d takes: virtio-blk's BlockBackend hangs off the
- * proxy's virtio-backend child. */
-static const char *
-disk_qdev (const Disk *d)
-{
-  static char buf[128];
-  if (strcmp (d->bus, "virtio") != 0)
-    return d->key;
-  g_snprintf (buf, sizeof buf, "/machine/peripheral/%s/virtio-backend", d->key);
-  return buf;
 }
 
 /* Overwrite the last 1 MiB of every disk (or all of a small one) through
@@ -201,7 +135,7 @@ overwrite_tail (Vm *vm, unsigned pattern)
     len = disks[i].size - off;
     cmd = g_strdup_printf ("write -P 0x%02x %" G_GUINT64_FORMAT " %" G_GUINT64_FORMAT,
                            pattern, off, len);
-    tl_guest_io (vm->q, disk_qdev (&disks[i]), cmd);
+    tl_guest_io (vm->tl->q, tl_disk_qdev (&disks[i]), cmd);
     total += len;
   }
   return total;
@@ -212,7 +146,7 @@ assert_backup_equals (Vm *vm, const char *format, guint8 **pit)
 {
   for (size_t i = 0; i < NDISKS; i++) {
     g_autofree char *name = g_strdup_printf ("%s.%s", disks[i].key, format);
-    g_autofree char *path = g_build_filename (vm->target, name, NULL);
+    g_autofree char *path = g_build_filename (vm->tl->target, name, NULL);
     uint64_t size = 0;
     g_autofree guint8 *got = tl_read_image (path, format, &size);
 
@@ -226,18 +160,18 @@ assert_backup_equals (Vm *vm, const char *format, guint8 **pit)
 static void
 assert_nothing_left (Vm *vm)
 {
-  g_auto (GStrv) nodes = tl_node_names (vm->q);
-  g_auto (GStrv) files = tl_list_dir (vm->storage);
-  g_autofree char *nb = g_strjoinv (",", vm->nodes_before);
+  g_auto (GStrv) nodes = tl_node_names (vm->tl->q);
+  g_auto (GStrv) files = tl_list_dir (vm->tl->storage);
+  g_autofree char *nb = g_strjoinv (",", vm->tl->nodes_before);
   g_autofree char *na = g_strjoinv (",", nodes);
-  g_autofree char *record = g_strdup_printf ("%s/%d.json", vm->state, VMID);
+  g_autofree char *record = g_strdup_printf ("%s/%d.json", vm->tl->state, VMID);
 
   ck_assert_str_eq (na, nb);
-  ck_assert_int_eq (tl_job_count (vm->q), 0);
+  ck_assert_int_eq (tl_job_count (vm->tl->q), 0);
   ck_assert_msg (g_strv_length (files) == 0, "storage not empty: %s", files[0]);
   ck_assert_msg (!g_file_test (record, G_FILE_TEST_EXISTS), "the record is left");
   for (size_t i = 0; i < NDISKS; i++) {
-    g_autofree char *root = tl_device_root (vm->q, disks[i].key);
+    g_autofree char *root = tl_device_root (vm->tl->q, disks[i].key);
 
     ck_assert_ptr_nonnull (root);
     ck_assert_msg (strstr (root, "fleece") == NULL, "%s still uses %s", disks[i].key, root);
@@ -249,7 +183,7 @@ assert_new_data (Vm *vm, unsigned pattern)
 {
   for (size_t i = 0; i < NDISKS; i++) {
     uint64_t size = 0;
-    g_autofree guint8 *now = tl_read_image (vm->paths[i], disks[i].format, &size);
+    g_autofree guint8 *now = tl_read_image (vm->tl->paths[i], disks[i].format, &size);
     ck_assert_uint_eq (now[size - 1], pattern);
   }
 }
@@ -345,7 +279,7 @@ json_path_int (json_object *o, const char *a, const char *b)
 static void
 assert_fleecing_images (Vm *vm)
 {
-  json_object *nodes = tl_qmp (vm->q, "query-named-block-nodes", tl_json ("{\"flat\": true}"));
+  json_object *nodes = tl_qmp (vm->tl->q, "query-named-block-nodes", tl_json ("{\"flat\": true}"));
 
   for (size_t d = 0; d < NDISKS; d++) {
     g_autofree char *fl = g_strdup_printf ("drive-%s-fleecing", disks[d].key);
@@ -365,7 +299,7 @@ assert_fleecing_images (Vm *vm)
     ck_assert_int_eq (json_path_int (fln, "image", "cluster-size"), 65536);
   }
   json_object_put (nodes);
-  ck_assert_int_eq (tl_job_count (vm->q), 0);
+  ck_assert_int_eq (tl_job_count (vm->tl->q), 0);
 }
 
 /* The whole job: a slowed backup of every drive while the guest overwrites
@@ -376,7 +310,7 @@ run_full_backup (const char *target_format)
   Vm *vm = vm_start ();
   struct fleece_handle *h = vm_handle (vm);
   struct fleece_plan *p = plan_checked (h);
-  struct fleece_target *t = fleece_target_new_dir (vm->target, target_format);
+  struct fleece_target *t = fleece_target_new_dir (vm->tl->target, target_format);
   guint8 **pit = snapshot_sources (vm);
   uint64_t done = 0, total = 0, peak = 0, written;
   int r;
@@ -386,7 +320,7 @@ run_full_backup (const char *target_format)
   ck_assert_int_eq (fleece_set_bwlimit (h, 2048), 0);
   ck_assert_msg (fleece_attach (h, p) == 0, "%s", fleece_get_error ());
   {
-    g_auto (GStrv) files = tl_list_dir (vm->storage);
+    g_auto (GStrv) files = tl_list_dir (vm->tl->storage);
     g_autofree char *list = g_strjoinv (",", files);
     ck_assert_str_eq (list, "vm-100-fleece-0.qcow2,vm-100-fleece-1.qcow2,vm-100-fleece-2.qcow2");
   }
@@ -397,7 +331,7 @@ run_full_backup (const char *target_format)
   /* Old data went to the fleecing images. */
   for (int i = 0; i < 3; i++) {
     g_autofree char *name = g_strdup_printf ("vm-100-fleece-%d.qcow2", i);
-    g_autofree char *path = g_build_filename (vm->storage, name, NULL);
+    g_autofree char *path = g_build_filename (vm->tl->storage, name, NULL);
     peak += tl_allocated_bytes (path);
   }
   ck_assert_msg (peak >= written - 2 * 4096 - 528 * 1024 / 2 - 2 * MiB,
@@ -417,7 +351,7 @@ run_full_backup (const char *target_format)
     uint64_t after = 0;
     for (int i = 0; i < 3; i++) {
       g_autofree char *name = g_strdup_printf ("vm-100-fleece-%d.qcow2", i);
-      g_autofree char *path = g_build_filename (vm->storage, name, NULL);
+      g_autofree char *path = g_build_filename (vm->tl->storage, name, NULL);
       after += tl_allocated_bytes (path);
     }
     ck_assert_msg (after < peak / 2, "fleecing images still hold %" G_GUINT64_FORMAT
@@ -452,7 +386,7 @@ END_TEST
 START_TEST (test_second_run_refused)
 {
   Vm *vm = vm_start_with ("qmp2.sock");
-  g_autofree char *keep = g_path_get_dirname (vm->paths[0]);
+  g_autofree char *keep = g_path_get_dirname (vm->tl->paths[0]);
   g_autofree char *qmp2 = g_build_filename (keep, "qmp2.sock", NULL);
   struct fleece_handle *h1 = vm_handle (vm);
   struct fleece_handle *h2 = vm_handle_on (vm, qmp2);
@@ -491,7 +425,7 @@ START_TEST (test_kill9_then_cleanup)
   if (pid == 0) {
     struct fleece_handle *h = vm_handle (vm);
     struct fleece_plan *p = fleece_plan (h);
-    struct fleece_target *t = fleece_target_new_dir (vm->target, "raw");
+    struct fleece_target *t = fleece_target_new_dir (vm->tl->target, "raw");
 
     fleece_set_bwlimit (h, 512);
     if (!p || fleece_attach (h, p) < 0 || fleece_start (h, p, t) < 0) {
@@ -506,7 +440,7 @@ START_TEST (test_kill9_then_cleanup)
   close (pipefd[1]);
   ck_assert_int_eq (read (pipefd[0], &c, 1), 1);
   close (pipefd[0]);
-  ck_assert_int_gt (tl_job_count (vm->q), 0);
+  ck_assert_int_gt (tl_job_count (vm->tl->q), 0);
   kill (pid, SIGKILL);
   waitpid (pid, NULL, 0);
   /* The guest keeps writing through the filters meanwhile. */
@@ -517,7 +451,7 @@ START_TEST (test_kill9_then_cleanup)
     g_autofree char *rec = NULL;
 
     fleece_set_log_callback (h, log_cb, vm->log);
-    ck_assert_int_eq (fleece_set_state_dir (h, vm->state), 0);
+    ck_assert_int_eq (fleece_set_state_dir (h, vm->tl->state), 0);
     ck_assert_int_eq (fleece_set_vmid (h, VMID), 0);
     rec = fleece_get_record (h);
     ck_assert_ptr_nonnull (rec);
@@ -542,7 +476,7 @@ START_TEST (test_cancel)
   Vm *vm = vm_start ();
   struct fleece_handle *h = vm_handle (vm);
   struct fleece_plan *p = plan_checked (h);
-  struct fleece_target *t = fleece_target_new_dir (vm->target, "raw");
+  struct fleece_target *t = fleece_target_new_dir (vm->tl->target, "raw");
   int r;
 
   fleece_set_bwlimit (h, 512);
@@ -573,9 +507,9 @@ START_TEST (test_incremental)
   struct fleece_handle *h = vm_handle (vm);
   const char *only[] = { "scsi0", NULL };
   struct fleece_plan *p;
-  struct fleece_target *t = fleece_target_new_dir (vm->target, "raw");
-  g_autofree char *root = tl_device_root (vm->q, "scsi0");
-  g_autofree char *path = g_build_filename (vm->target, "scsi0.raw", NULL);
+  struct fleece_target *t = fleece_target_new_dir (vm->tl->target, "raw");
+  g_autofree char *root = tl_device_root (vm->tl->q, "scsi0");
+  g_autofree char *path = g_build_filename (vm->tl->target, "scsi0.raw", NULL);
   g_autofree guint8 *got = NULL;
   guint8 **pit;
   uint64_t size = 0;
@@ -588,10 +522,10 @@ START_TEST (test_incremental)
   ck_assert_msg (strstr (fleece_get_error (), "drive scsi0 has no dirty bitmap 'b0'"),
                  "%s", fleece_get_error ());
 
-  json_object_put (tl_qmp (vm->q, "block-dirty-bitmap-add",
+  json_object_put (tl_qmp (vm->tl->q, "block-dirty-bitmap-add",
                            tl_json ("{\"node\": \"%s\", \"name\": \"b0\"}", root)));
-  tl_guest_io (vm->q, "scsi0", "write -P 0x22 1M 64k");
-  tl_guest_io (vm->q, "scsi0", "write -P 0x23 12M 64k");
+  tl_guest_io (vm->tl->q, "scsi0", "write -P 0x22 1M 64k");
+  tl_guest_io (vm->tl->q, "scsi0", "write -P 0x23 12M 64k");
   pit = snapshot_sources (vm);
 
   p = plan_checked (h);
@@ -599,8 +533,8 @@ START_TEST (test_incremental)
   ck_assert_int_eq (fleece_attach (h, p), 0);
   ck_assert_msg (fleece_start (h, p, t) == 0, "%s", fleece_get_error ());
   /* Overwrite the dirty regions before the backup gets there. */
-  tl_guest_io (vm->q, "scsi0", "write -P 0x33 12M 64k");
-  tl_guest_io (vm->q, "scsi0", "write -P 0x34 2M 64k");
+  tl_guest_io (vm->tl->q, "scsi0", "write -P 0x33 12M 64k");
+  tl_guest_io (vm->tl->q, "scsi0", "write -P 0x34 2M 64k");
   while ((r = fleece_wait (h, 1000)) == 0)
     ;
   ck_assert_msg (r == 1, "%s\n%s", fleece_get_error (), vm->log->str);
@@ -624,7 +558,8 @@ START_TEST (test_incremental)
       ck_assert_int_eq (got[off], 0);
   {
     /* The source bitmap now holds only the writes made during the backup. */
-    json_object *nodes = tl_qmp (vm->q, "query-named-block-nodes", tl_json ("{\"flat\": true}"));
+    json_object *nodes = tl_qmp (vm->tl->q, "query-named-block-nodes",
+                                 tl_json ("{\"flat\": true}"));
     int64_t count = -1;
     for (size_t i = 0; i < json_object_array_length (nodes); i++) {
       json_object *n = json_object_array_get_idx (nodes, i), *v, *bms;
@@ -654,20 +589,20 @@ START_TEST (test_storage_full)
   struct fleece_handle *h;
   const char *only[] = { "scsi0", NULL };
   struct fleece_plan *p;
-  struct fleece_target *t = fleece_target_new_dir (vm->target, "raw");
+  struct fleece_target *t = fleece_target_new_dir (vm->tl->target, "raw");
   int r;
 
   /* A 1 MiB tmpfs: room for the qcow2 metadata, not for 4 MiB of data. */
-  ck_assert_msg (mount ("tmpfs", vm->storage, "tmpfs", 0, "size=1m,mode=0700") == 0,
+  ck_assert_msg (mount ("tmpfs", vm->tl->storage, "tmpfs", 0, "size=1m,mode=0700") == 0,
                  "mount tmpfs on %s: %s (the qemu suite runs as root)",
-                 vm->storage, g_strerror (errno));
+                 vm->tl->storage, g_strerror (errno));
   h = vm_handle (vm);
   ck_assert_int_eq (fleece_set_drives (h, only), 0);
   fleece_set_bwlimit (h, 256);
   p = plan_checked (h);
   ck_assert_int_eq (fleece_attach (h, p), 0);
   ck_assert_msg (fleece_start (h, p, t) == 0, "%s", fleece_get_error ());
-  tl_guest_io (vm->q, "scsi0", "write -P 0x5a 8M 4M");
+  tl_guest_io (vm->tl->q, "scsi0", "write -P 0x5a 8M 4M");
   while ((r = fleece_wait (h, 1000)) == 0)
     ;
   ck_assert_int_eq (r, -1);
@@ -678,11 +613,11 @@ START_TEST (test_storage_full)
   assert_nothing_left (vm);
   {
     uint64_t size = 0;
-    g_autofree guint8 *now = tl_read_image (vm->paths[1], "qcow2", &size);
+    g_autofree guint8 *now = tl_read_image (vm->tl->paths[1], "qcow2", &size);
     for (uint64_t off = 8 * MiB; off < 12 * MiB; off += 4096)
       ck_assert_int_eq (now[off], 0x5a);
   }
-  ck_assert_int_eq (umount (vm->storage), 0);
+  ck_assert_int_eq (umount (vm->tl->storage), 0);
   fleece_target_free (t);
   fleece_plan_free (p);
   fleece_free (h);
@@ -697,7 +632,7 @@ START_TEST (test_nbd_target)
   Vm *vm = vm_start ();
   struct fleece_handle *h = vm_handle (vm);
   struct fleece_plan *p = plan_checked (h);
-  g_autofree char *keep = g_path_get_dirname (vm->paths[0]);
+  g_autofree char *keep = g_path_get_dirname (vm->tl->paths[0]);
   g_autofree char *sock = g_build_filename (keep, "nbd.sock", NULL);
   g_autofree char *uri = g_strdup_printf ("nbd+unix:///?socket=%s", sock);
   g_autoptr (GPtrArray) argv = g_ptr_array_new_with_free_func (g_free);
@@ -710,7 +645,7 @@ START_TEST (test_nbd_target)
   g_ptr_array_add (argv, g_strdup ("--nbd-server"));
   g_ptr_array_add (argv, g_strdup_printf ("addr.type=unix,addr.path=%s", sock));
   for (size_t i = 0; i < NDISKS; i++) {
-    g_autofree char *file = g_strdup_printf ("%s/%s.raw", vm->target, disks[i].key);
+    g_autofree char *file = g_strdup_printf ("%s/%s.raw", vm->tl->target, disks[i].key);
     g_autoptr (GError) err = NULL;
     g_autofree char *sz = g_strdup_printf ("%" G_GUINT64_FORMAT, disks[i].size);
     const char *mk[] = { "qemu-img", "create", "-q", "-f", "raw", file, sz, NULL };
@@ -761,19 +696,19 @@ START_TEST (test_qemu_killed)
   Vm *vm = vm_start ();
   struct fleece_handle *h = vm_handle (vm);
   struct fleece_plan *p = plan_checked (h);
-  struct fleece_target *t = fleece_target_new_dir (vm->target, "raw");
-  g_autofree char *record = g_strdup_printf ("%s/%d.json", vm->state, VMID);
+  struct fleece_target *t = fleece_target_new_dir (vm->tl->target, "raw");
+  g_autofree char *record = g_strdup_printf ("%s/%d.json", vm->tl->state, VMID);
   g_auto (GStrv) files = NULL;
 
   fleece_set_bwlimit (h, 512);
   ck_assert_int_eq (fleece_attach (h, p), 0);
   ck_assert_int_eq (fleece_start (h, p, t), 0);
-  ck_assert_int_eq (kill (vm->q->pid, SIGKILL), 0);
+  ck_assert_int_eq (kill (vm->tl->q->pid, SIGKILL), 0);
   ck_assert_int_eq (fleece_wait (h, 10000), -1);
   ck_assert_msg (strstr (fleece_get_error (), "lost track of the backup of VM 100"),
                  "%s", fleece_get_error ());
   ck_assert_msg (fleece_cleanup (h) == 0, "%s", fleece_get_error ());
-  files = tl_list_dir (vm->storage);
+  files = tl_list_dir (vm->tl->storage);
   ck_assert_msg (g_strv_length (files) == 0, "storage not empty: %s", files[0]);
   ck_assert (!g_file_test (record, G_FILE_TEST_EXISTS));
   fleece_target_free (t);

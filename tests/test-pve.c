@@ -172,18 +172,10 @@ END_TEST
 
 /* ---- a VM behind pve-double ------------------------------------------------ */
 
-typedef struct {
-  const char *key;
-  const char *format;
-  uint64_t size;
-  const char *bus;      /* scsi, virtio, or none (the TPM backup drive) */
-  bool fleeced;
-} Disk;
-
 /* Proxmox-like: EFI disk, two SCSI disks (one of a size that is no whole
  * KiB, like the TPM state), the TPM state attached for the backup only (no
  * guest device), a virtio-blk disk. */
-static const Disk disks[] = {
+static const TlDisk disks[] = {
   { "efidisk0", "raw", 528 * 1024, "virtio", false },
   { "scsi0", "qcow2", 16 * MiB, "scsi", true },
   { "scsi1", "raw", 8 * MiB + 1536, "scsi", true },
@@ -193,14 +185,8 @@ static const Disk disks[] = {
 #define NDISKS G_N_ELEMENTS (disks)
 
 typedef struct {
-  TlQemu *q;
-  char *keep;          /* disks, storage, target, state */
-  char *storage;
-  char *target;
-  char *state;
+  TlVm *tl;            /* QEMU, disks, storage, target, state */
   char *plain;         /* a QMP socket of the stock QEMU itself */
-  char *paths[NDISKS];
-  char **nodes_before;
   GString *log;
   GPid dbl;            /* pve-double */
   char *dbl_sock;
@@ -230,7 +216,7 @@ double_start (Vm *vm, const char *version, bool no_fleecing)
   ck_assert_msg (bin && *bin, "FLEECE_PVE_DOUBLE is not set (run through meson test)");
   g_ptr_array_add (argv, g_strdup (bin));
   g_ptr_array_add (argv, g_strdup_printf ("--listen=%s", vm->dbl_sock));
-  g_ptr_array_add (argv, g_strdup_printf ("--qemu=%s", vm->q->qmp_path));
+  g_ptr_array_add (argv, g_strdup_printf ("--qemu=%s", vm->tl->q->qmp_path));
   g_ptr_array_add (argv, g_strdup_printf ("--log=%s", vm->dbl_log));
   if (version)
     g_ptr_array_add (argv, g_strdup_printf ("--version=%s", version));
@@ -264,59 +250,34 @@ vm_start (const char *version, bool no_fleecing)
 {
   Vm *vm = g_new0 (Vm, 1);
   g_autoptr (GPtrArray) args = g_ptr_array_new_with_free_func (g_free);
-  TlQemu images = { 0 };
-  bool scsi = false;
 
-  vm->keep = tl_tmpdir_new ("pve");
-  images.dir = vm->keep;
+  vm->tl = tl_vm_new ("pve", disks, NDISKS, 1);
+  /* tl_vm_start leaves the "none" disk (the TPM state) to us: it is
+   * attached for the backup only, without a guest device. */
   for (size_t i = 0; i < NDISKS; i++) {
-    const Disk *d = &disks[i];
-    g_autofree char *name = g_strdup_printf ("%s.%s", d->key, d->format);
+    const TlDisk *d = &disks[i];
 
-    vm->paths[i] = tl_make_image (&images, name, d->format, d->size, (unsigned) i + 1);
-    if (strcmp (d->bus, "none") == 0) {
-      if (legacy_version (version)) {
-        g_ptr_array_add (args, g_strdup ("-drive"));
-        g_ptr_array_add (args, g_strdup_printf (
-          "file=%s,if=none,id=drive-%s-backup,format=%s", vm->paths[i], d->key, d->format));
-      } else {
-        g_ptr_array_add (args, g_strdup ("-blockdev"));
-        g_ptr_array_add (args, g_strdup_printf (
-          "driver=%s,node-name=drive-%s-backup,file.driver=file,file.filename=%s",
-          d->format, d->key, vm->paths[i]));
-      }
+    if (strcmp (d->bus, "none") != 0)
       continue;
+    if (legacy_version (version)) {
+      g_ptr_array_add (args, g_strdup ("-drive"));
+      g_ptr_array_add (args, g_strdup_printf (
+        "file=%s,if=none,id=drive-%s-backup,format=%s", vm->tl->paths[i], d->key, d->format));
+    } else {
+      g_ptr_array_add (args, g_strdup ("-blockdev"));
+      g_ptr_array_add (args, g_strdup_printf (
+        "driver=%s,node-name=drive-%s-backup,file.driver=file,file.filename=%s",
+        d->format, d->key, vm->tl->paths[i]));
     }
-    g_ptr_array_add (args, g_strdup ("-drive"));
-    g_ptr_array_add (args, g_strdup_printf ("file=%s,if=none,id=drive-%s,format=%s,discard=unmap",
-                                            vm->paths[i], d->key, d->format));
-    if (strcmp (d->bus, "scsi") == 0 && !scsi) {
-      g_ptr_array_add (args, g_strdup ("-device"));
-      g_ptr_array_add (args, g_strdup ("virtio-scsi-pci,id=scsihw0"));
-      scsi = true;
-    }
-    g_ptr_array_add (args, g_strdup ("-device"));
-    if (strcmp (d->bus, "scsi") == 0)
-      g_ptr_array_add (args, g_strdup_printf ("scsi-hd,bus=scsihw0.0,drive=drive-%s,id=%s",
-                                              d->key, d->key));
-    else
-      g_ptr_array_add (args, g_strdup_printf ("virtio-blk-pci,drive=drive-%s,id=%s",
-                                              d->key, d->key));
   }
-  vm->plain = g_build_filename (vm->keep, "plain.sock", NULL);
+  vm->plain = g_build_filename (vm->tl->dir, "plain.sock", NULL);
   g_ptr_array_add (args, g_strdup ("-qmp"));
   g_ptr_array_add (args, g_strdup_printf ("unix:%s,server=on,wait=off", vm->plain));
   g_ptr_array_add (args, NULL);
-  vm->q = tl_qemu_start ((const char *const *) args->pdata);
-  vm->storage = g_build_filename (vm->keep, "storage", NULL);
-  vm->target = g_build_filename (vm->keep, "target", NULL);
-  vm->state = g_build_filename (vm->keep, "state", NULL);
-  ck_assert_int_eq (g_mkdir (vm->storage, 0700), 0);
-  ck_assert_int_eq (g_mkdir (vm->target, 0700), 0);
-  vm->nodes_before = tl_node_names (vm->q);
+  tl_vm_start (vm->tl, (const char *const *) args->pdata);
   vm->log = g_string_new (NULL);
-  vm->dbl_sock = g_build_filename (vm->keep, "pve.sock", NULL);
-  vm->dbl_log = g_build_filename (vm->keep, "double.log", NULL);
+  vm->dbl_sock = g_build_filename (vm->tl->dir, "pve.sock", NULL);
+  vm->dbl_log = g_build_filename (vm->tl->dir, "double.log", NULL);
   double_start (vm, version, no_fleecing);
   return vm;
 }
@@ -325,18 +286,11 @@ static void
 vm_stop (Vm *vm)
 {
   double_stop (vm);
-  tl_qemu_stop (vm->q);
-  for (size_t i = 0; i < NDISKS; i++)
-    g_free (vm->paths[i]);
-  g_free (vm->storage);
-  g_free (vm->target);
-  g_free (vm->state);
   g_free (vm->plain);
   g_free (vm->dbl_sock);
   g_free (vm->dbl_log);
-  g_strfreev (vm->nodes_before);
   g_string_free (vm->log, TRUE);
-  tl_tmpdir_free (vm->keep);
+  tl_vm_stop (vm->tl);
   g_free (vm);
 }
 
@@ -346,7 +300,7 @@ handle_on (Vm *vm, const char *sock, int engine)
   struct fleece_handle *h = fleece_new ();
 
   fleece_set_log_callback (h, log_cb, vm->log);
-  ck_assert_int_eq (fleece_set_state_dir (h, vm->state), 0);
+  ck_assert_int_eq (fleece_set_state_dir (h, vm->tl->state), 0);
   ck_assert_int_eq (fleece_set_vmid (h, VMID), 0);
   ck_assert_int_eq (fleece_set_engine (h, engine), 0);
   ck_assert_msg (fleece_connect (h, sock) == 0, "%s", fleece_get_error ());
@@ -360,7 +314,7 @@ vm_handle (Vm *vm)
   struct fleece_handle *h = handle_on (vm, vm->dbl_sock, FLEECE_ENGINE_AUTO);
 
   ck_assert_int_eq (fleece_get_engine (h), FLEECE_ENGINE_PVE);
-  ck_assert_int_eq (fleece_set_storage (h, fleece_storage_new_dir (vm->storage)), 0);
+  ck_assert_int_eq (fleece_set_storage (h, fleece_storage_new_dir (vm->tl->storage)), 0);
   return h;
 }
 
@@ -375,8 +329,8 @@ plan_checked (struct fleece_handle *h, Vm *vm)
 static struct fleece_target *
 vma_target (Vm *vm)
 {
-  g_autofree char *file = g_build_filename (vm->target, "vzdump-qemu-100.vma", NULL);
-  g_autofree char *conf = g_build_filename (vm->keep, "qemu-server.conf", NULL);
+  g_autofree char *file = g_build_filename (vm->tl->target, "vzdump-qemu-100.vma", NULL);
+  g_autofree char *conf = g_build_filename (vm->tl->dir, "qemu-server.conf", NULL);
   g_autofree char *json = NULL;
   struct fleece_target *t;
 
@@ -455,15 +409,15 @@ jget (json_object *o, const char *key)
 static void
 assert_nothing_left (Vm *vm)
 {
-  g_auto (GStrv) nodes = tl_node_names (vm->q);
-  g_auto (GStrv) files = tl_list_dir (vm->storage);
-  g_autofree char *nb = g_strjoinv (",", vm->nodes_before);
+  g_auto (GStrv) nodes = tl_node_names (vm->tl->q);
+  g_auto (GStrv) files = tl_list_dir (vm->tl->storage);
+  g_autofree char *nb = g_strjoinv (",", vm->tl->nodes_before);
   g_autofree char *na = g_strjoinv (",", nodes);
-  g_autofree char *record = g_strdup_printf ("%s/%d.json", vm->state, VMID);
-  json_object *blocks = tl_qmp (vm->q, "query-block", NULL);
+  g_autofree char *record = g_strdup_printf ("%s/%d.json", vm->tl->state, VMID);
+  json_object *blocks = tl_qmp (vm->tl->q, "query-block", NULL);
 
   ck_assert_str_eq (na, nb);
-  ck_assert_int_eq (tl_job_count (vm->q), 0);
+  ck_assert_int_eq (tl_job_count (vm->tl->q), 0);
   ck_assert_msg (g_strv_length (files) == 0, "storage not empty: %s", files[0]);
   ck_assert_msg (!g_file_test (record, G_FILE_TEST_EXISTS), "the record is left");
   for (size_t i = 0; i < json_object_array_length (blocks); i++) {
@@ -475,7 +429,7 @@ assert_nothing_left (Vm *vm)
     g_autofree char *root = NULL;
     if (strcmp (disks[i].bus, "none") == 0)
       continue;
-    root = tl_device_root (vm->q, disks[i].key);
+    root = tl_device_root (vm->tl->q, disks[i].key);
     ck_assert_ptr_nonnull (root);
     ck_assert_msg (!strstr (root, "pvedouble"), "%s still uses %s", disks[i].key, root);
   }
@@ -489,7 +443,7 @@ snapshot_sources (Vm *vm)
   guint8 **data = g_new0 (guint8 *, NDISKS);
   for (size_t i = 0; i < NDISKS; i++) {
     uint64_t size = 0;
-    data[i] = tl_read_image (vm->paths[i], disks[i].format, &size);
+    data[i] = tl_read_image (vm->tl->paths[i], disks[i].format, &size);
     ck_assert_uint_eq (size, disks[i].size);
   }
   return data;
@@ -501,16 +455,6 @@ free_snapshot (guint8 **data)
   for (size_t i = 0; i < NDISKS; i++)
     g_free (data[i]);
   g_free (data);
-}
-
-static const char *
-disk_qdev (const Disk *d)
-{
-  static char buf[128];
-  if (strcmp (d->bus, "virtio") != 0)
-    return d->key;
-  g_snprintf (buf, sizeof buf, "/machine/peripheral/%s/virtio-backend", d->key);
-  return buf;
 }
 
 /* Overwrite the last 1 MiB (half of a small disk) of every guest disk
@@ -529,7 +473,7 @@ overwrite_tail (Vm *vm, unsigned pattern)
     len = (disks[i].size - off) & ~(uint64_t) 511;
     cmd = g_strdup_printf ("write -P 0x%02x %" G_GUINT64_FORMAT " %" G_GUINT64_FORMAT,
                            pattern, off, len);
-    tl_guest_io (vm->q, disk_qdev (&disks[i]), cmd);
+    tl_guest_io (vm->tl->q, tl_disk_qdev (&disks[i]), cmd);
   }
 }
 
@@ -540,7 +484,7 @@ assert_backup_equals (Vm *vm, guint8 **pit)
   for (size_t i = 0; i < NDISKS; i++) {
     g_autofree char *name = g_strdup_printf ("%s%s.raw", disks[i].key,
                                              strcmp (disks[i].bus, "none") == 0 ? "-backup" : "");
-    g_autofree char *path = g_build_filename (vm->target, name, NULL);
+    g_autofree char *path = g_build_filename (vm->tl->target, name, NULL);
     uint64_t size = 0;
     g_autofree guint8 *got = tl_read_image (path, "raw", &size);
 
@@ -622,7 +566,7 @@ START_TEST (test_backup_point_in_time)
   ck_assert_int_eq (fleece_set_bwlimit (h, 2048), 0);
   ck_assert_msg (fleece_attach (h, p) == 0, "%s\n%s", fleece_get_error (), vm->log->str);
   {
-    g_auto (GStrv) files = tl_list_dir (vm->storage);
+    g_auto (GStrv) files = tl_list_dir (vm->tl->storage);
     g_autofree char *list = g_strjoinv (",", files);
     ck_assert_str_eq (list, "vm-100-fleece-0.qcow2,vm-100-fleece-1.qcow2,vm-100-fleece-2.qcow2");
   }
@@ -633,9 +577,9 @@ START_TEST (test_backup_point_in_time)
    * data went to the fleecing images. */
   ck_assert_int_eq (fleece_wait (h, 0), 0);
   {
-    g_auto (GStrv) files = tl_list_dir (vm->storage);
+    g_auto (GStrv) files = tl_list_dir (vm->tl->storage);
     for (char **f = files; *f; f++) {
-      g_autofree char *path = g_build_filename (vm->storage, *f, NULL);
+      g_autofree char *path = g_build_filename (vm->tl->storage, *f, NULL);
       held += tl_allocated_bytes (path);
     }
     ck_assert_msg (held >= 2 * MiB, "fleecing images hold only %" G_GUINT64_FORMAT " bytes",
@@ -666,7 +610,7 @@ START_TEST (test_backup_point_in_time)
   ck_assert_ptr_nonnull (strstr (jget (args, "config-file"), "qemu-server.conf"));
   /* In the patched QEMU, only the three disks went through fleecing. */
   {
-    g_autofree char *file = g_build_filename (vm->target, "vzdump-qemu-100.vma", NULL);
+    g_autofree char *file = g_build_filename (vm->tl->target, "vzdump-qemu-100.vma", NULL);
     ck_assert (g_file_get_contents (file, &manifest, NULL, NULL));
     ck_assert_msg (strstr (manifest, "\"device\":\"drive-efidisk0\",\"size\":540672,"
                                      "\"file\""), "%s", manifest);
@@ -738,7 +682,7 @@ START_TEST (test_legacy_hmp_odd_sizes)
 {
   Vm *vm = vm_start ("9.2.0", false);
   struct fleece_handle *h = handle_on (vm, vm->dbl_sock, FLEECE_ENGINE_AUTO);
-  Lvm lvm = { .dir = g_build_filename (vm->storage, "we,ird \"st\\orage\"", NULL) };
+  Lvm lvm = { .dir = g_build_filename (vm->tl->storage, "we,ird \"st\\orage\"", NULL) };
   struct fleece_plan *p;
   struct fleece_target *t = vma_target (vm);
   guint8 **pit = snapshot_sources (vm);
@@ -756,7 +700,7 @@ START_TEST (test_legacy_hmp_odd_sizes)
 
   /* BlockBackends named <device>-fleecing on the exact paths, with the
    * drive's exact size although the storage rounded up. */
-  blocks = tl_qmp (vm->q, "query-block", NULL);
+  blocks = tl_qmp (vm->tl->q, "query-block", NULL);
   for (size_t i = 0; i < json_object_array_length (blocks); i++) {
     json_object *b = json_object_array_get_idx (blocks, i), *ins, *img, *v;
     const char *dev = jget (b, "device");
@@ -823,12 +767,12 @@ START_TEST (test_refusals)
   struct fleece_handle *h = vm_handle (vm);
   struct fleece_plan *p = plan_checked (h, vm);
   struct fleece_target *t = vma_target (vm);
-  g_autofree char *vma = g_build_filename (vm->target, "vzdump-qemu-100.vma", NULL);
+  g_autofree char *vma = g_build_filename (vm->tl->target, "vzdump-qemu-100.vma", NULL);
   char *e = NULL;
   json_object *r;
 
   /* A leftover of a run nobody recorded goes first, as in qemu-server. */
-  r = tl_qmp (vm->q, "blockdev-add", tl_json ("{\"driver\": \"null-co\", \"node-name\": "
+  r = tl_qmp (vm->tl->q, "blockdev-add", tl_json ("{\"driver\": \"null-co\", \"node-name\": "
                                               "\"drive-scsi1-fleecing\", \"size\": 4096}"));
   json_object_put (r);
   ck_assert_int_eq (fleece_attach (h, p), 0);
@@ -836,7 +780,7 @@ START_TEST (test_refusals)
                  vm->log->str);
 
   /* The seed's sector-count check. */
-  r = tl_qmp (vm->q, "block_resize",
+  r = tl_qmp (vm->tl->q, "block_resize",
               tl_json ("{\"node-name\": \"drive-scsi0-fleecing\", \"size\": %d}", 16 * MiB + 512));
   json_object_put (r);
   ck_assert_int_eq (fleece_start (h, p, t), -1);
@@ -850,7 +794,7 @@ START_TEST (test_refusals)
   ck_assert (!g_file_test (vma, G_FILE_TEST_EXISTS));
 
   /* An image gone from QEMU. */
-  r = tl_qmp_try (vm->q, "blockdev-del", tl_json ("{\"node-name\": \"drive-scsi0-fleecing\"}"),
+  r = tl_qmp_try (vm->tl->q, "blockdev-del", tl_json ("{\"node-name\": \"drive-scsi0-fleecing\"}"),
                   &e);
   ck_assert_msg (r, "%s", e);
   json_object_put (r);
@@ -874,7 +818,7 @@ START_TEST (test_refusals)
     ck_assert_int_eq (fleece_get_errno (), EINVAL);
     ck_assert_ptr_nonnull (strstr (fleece_get_error (), "unknown backup access argument"));
     fleece_target_free (bad);
-    bad = fleece_target_new_dir (vm->target, "raw");
+    bad = fleece_target_new_dir (vm->tl->target, "raw");
     ck_assert_int_eq (fleece_start (h, p, bad), -1);
     ck_assert_ptr_nonnull (strstr (fleece_get_error (), "fleece_target_new_pve"));
     fleece_target_free (bad);
@@ -909,7 +853,7 @@ START_TEST (test_no_backup_fleecing)
 
   /* Forced: a clear error, unless the caller allows going without. */
   h = handle_on (vm, vm->dbl_sock, FLEECE_ENGINE_PVE);
-  ck_assert_int_eq (fleece_set_storage (h, fleece_storage_new_dir (vm->storage)), 0);
+  ck_assert_int_eq (fleece_set_storage (h, fleece_storage_new_dir (vm->tl->storage)), 0);
   ck_assert_ptr_null (fleece_plan (h));
   ck_assert_int_eq (fleece_get_errno (), ENOTSUP);
   ck_assert_msg (strstr (fleece_get_error (),
@@ -951,7 +895,7 @@ START_TEST (test_cancel)
 {
   Vm *vm = vm_start (NULL, false);
   struct fleece_handle *h = handle_on (vm, vm->dbl_sock, FLEECE_ENGINE_AUTO);
-  Lvm lvm = { .dir = g_strdup (vm->storage) };
+  Lvm lvm = { .dir = g_strdup (vm->tl->storage) };
   struct fleece_plan *p;
   struct fleece_target *t = vma_target (vm);
   int r;
@@ -964,7 +908,7 @@ START_TEST (test_cancel)
   ck_assert_int_eq (fleece_set_bwlimit (h, 256), 0);
   ck_assert_int_eq (fleece_attach (h, p), 0);
   {
-    g_autofree char *img = g_build_filename (vm->storage, "vm-100-fleece-1.raw", NULL);
+    g_autofree char *img = g_build_filename (vm->tl->storage, "vm-100-fleece-1.raw", NULL);
     struct stat st;
     ck_assert_int_eq (stat (img, &st), 0);
     ck_assert_int_eq (st.st_size, 12 * MiB);
@@ -1021,7 +965,7 @@ START_TEST (test_cleanup_cancels_first)
   close (pipefd[0]);
   kill (pid, SIGKILL);
   waitpid (pid, NULL, 0);
-  ck_assert_int_gt (tl_job_count (vm->q), 0);
+  ck_assert_int_gt (tl_job_count (vm->tl->q), 0);
 
   {
     struct fleece_handle *h = fleece_new ();
@@ -1029,7 +973,7 @@ START_TEST (test_cleanup_cancels_first)
     int cancel, del, query_after = -1;
 
     fleece_set_log_callback (h, log_cb, vm->log);
-    ck_assert_int_eq (fleece_set_state_dir (h, vm->state), 0);
+    ck_assert_int_eq (fleece_set_state_dir (h, vm->tl->state), 0);
     ck_assert_int_eq (fleece_set_vmid (h, VMID), 0);
     /* Not connected: the record knows the double's socket and the storage. */
     ck_assert_msg (fleece_cleanup (h) == 0, "%s\n%s", fleece_get_error (), vm->log->str);
@@ -1097,8 +1041,8 @@ START_TEST (test_cbw_failure)
 {
   Vm *vm = vm_start ("9.2.0", false);
   struct fleece_handle *h = handle_on (vm, vm->dbl_sock, FLEECE_ENGINE_PVE);
-  Broken b = { .dir = g_strdup (vm->storage),
-               .conf = g_build_filename (vm->keep, "full.conf", NULL) };
+  Broken b = { .dir = g_strdup (vm->tl->storage),
+               .conf = g_build_filename (vm->tl->dir, "full.conf", NULL) };
   struct fleece_plan *p;
   struct fleece_target *t = vma_target (vm);
 
@@ -1129,7 +1073,7 @@ START_TEST (test_cbw_failure)
 
     if (strcmp (disks[i].bus, "none") == 0)
       continue;
-    now = tl_read_image (vm->paths[i], disks[i].format, &size);
+    now = tl_read_image (vm->tl->paths[i], disks[i].format, &size);
     ck_assert_uint_eq (now[size - 1], 0x3c);
   }
   ck_assert_msg (fleece_cleanup (h) == 0, "%s", fleece_get_error ());
@@ -1184,16 +1128,16 @@ run_tool (const char *const *argv)
 static void
 read_exports (Vm *vm, struct fleece_handle *h, guint8 **pit)
 {
-  g_autofree char *sock = g_build_filename (vm->keep, "nbd.sock", NULL);
+  g_autofree char *sock = g_build_filename (vm->tl->dir, "nbd.sock", NULL);
   json_object *r;
 
-  r = tl_qmp (vm->q, "nbd-server-start",
+  r = tl_qmp (vm->tl->q, "nbd-server-start",
               tl_json ("{\"addr\": {\"type\": \"unix\", \"data\": {\"path\": \"%s\"}}}", sock));
   json_object_put (r);
   for (size_t i = 0; i < NDISKS; i++) {
     json_object *acc = access_info (h, disks[i].key);
     g_autofree char *uri = g_strdup_printf ("nbd+unix:///%s?socket=%s", disks[i].key, sock);
-    g_autofree char *out = g_strdup_printf ("%s/%s.export", vm->target, disks[i].key);
+    g_autofree char *out = g_strdup_printf ("%s/%s.export", vm->tl->target, disks[i].key);
     const char *convert[] = { "qemu-img", "convert", "-q", "-f", "raw", "-O", "raw", uri, out,
                               NULL };
     uint64_t size = 0;
@@ -1201,7 +1145,7 @@ read_exports (Vm *vm, struct fleece_handle *h, guint8 **pit)
 
     ck_assert_uint_eq ((uint64_t) json_object_get_int64 (
                          json_object_object_get (acc, "size")), disks[i].size);
-    r = tl_qmp (vm->q, "block-export-add",
+    r = tl_qmp (vm->tl->q, "block-export-add",
                 tl_json ("{\"type\": \"nbd\", \"id\": \"exp-%s\", \"node-name\": \"%s\","
                          " \"name\": \"%s\"}", disks[i].key, jget (acc, "node-name"),
                          disks[i].key));
@@ -1211,18 +1155,18 @@ read_exports (Vm *vm, struct fleece_handle *h, guint8 **pit)
     ck_assert_uint_eq (size, disks[i].size);
     ck_assert_msg (memcmp (got, pit[i], size) == 0, "%s: the export differs from the "
                    "point-in-time content", disks[i].key);
-    r = tl_qmp (vm->q, "block-export-del", tl_json ("{\"id\": \"exp-%s\"}", disks[i].key));
+    r = tl_qmp (vm->tl->q, "block-export-del", tl_json ("{\"id\": \"exp-%s\"}", disks[i].key));
     json_object_put (r);
     json_object_put (acc);
   }
-  r = tl_qmp (vm->q, "nbd-server-stop", NULL);
+  r = tl_qmp (vm->tl->q, "nbd-server-stop", NULL);
   json_object_put (r);
 }
 
 static int64_t
 bitmap_count (Vm *vm, const char *node_or_device, const char *name)
 {
-  json_object *nodes = tl_qmp (vm->q, "query-named-block-nodes", tl_json ("{\"flat\": true}"));
+  json_object *nodes = tl_qmp (vm->tl->q, "query-named-block-nodes", tl_json ("{\"flat\": true}"));
   int64_t count = -1;
 
   for (size_t i = 0; i < json_object_array_length (nodes); i++) {

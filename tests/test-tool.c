@@ -165,15 +165,7 @@ run_sync (const char *const *args, char **out, char **err)
 
 /* ---- a Proxmox-shaped VM -------------------------------------------- */
 
-typedef struct {
-  const char *key;
-  const char *format;
-  uint64_t size;
-  const char *bus;
-  bool fleeced;
-} Disk;
-
-static const Disk disks[] = {
+static const TlDisk disks[] = {
   { "efidisk0", "raw", 528 * 1024, "virtio", false },
   { "scsi0", "qcow2", 16 * MiB, "scsi", true },
   { "scsi1", "raw", 8 * MiB + 4096, "scsi", true },
@@ -181,74 +173,17 @@ static const Disk disks[] = {
 };
 #define NDISKS G_N_ELEMENTS (disks)
 
-typedef struct {
-  TlQemu *q;
-  char *keep;
-  char *storage;
-  char *target;
-  char *state;
-  char *paths[NDISKS];
-  char **nodes_before;
-} Vm;
-
-static Vm *
+static TlVm *
 vm_start (void)
 {
-  Vm *vm = g_new0 (Vm, 1);
-  g_autoptr (GPtrArray) args = g_ptr_array_new_with_free_func (g_free);
-  TlQemu images = { 0 };
-  bool scsi = false;
+  TlVm *vm = tl_vm_new ("tool", disks, NDISKS, 11);
 
-  vm->keep = tl_tmpdir_new ("tool");
-  images.dir = vm->keep;
-  for (size_t i = 0; i < NDISKS; i++) {
-    const Disk *d = &disks[i];
-    g_autofree char *name = g_strdup_printf ("%s.%s", d->key, d->format);
-
-    vm->paths[i] = tl_make_image (&images, name, d->format, d->size, (unsigned) i + 11);
-    g_ptr_array_add (args, g_strdup ("-drive"));
-    g_ptr_array_add (args, g_strdup_printf ("file=%s,if=none,id=drive-%s,format=%s,discard=unmap",
-                                            vm->paths[i], d->key, d->format));
-    if (strcmp (d->bus, "scsi") == 0 && !scsi) {
-      g_ptr_array_add (args, g_strdup ("-device"));
-      g_ptr_array_add (args, g_strdup ("virtio-scsi-pci,id=scsihw0"));
-      scsi = true;
-    }
-    g_ptr_array_add (args, g_strdup ("-device"));
-    if (strcmp (d->bus, "scsi") == 0)
-      g_ptr_array_add (args, g_strdup_printf ("scsi-hd,bus=scsihw0.0,drive=drive-%s,id=%s",
-                                              d->key, d->key));
-    else
-      g_ptr_array_add (args, g_strdup_printf ("virtio-blk-pci,drive=drive-%s,id=%s",
-                                              d->key, d->key));
-  }
-  g_ptr_array_add (args, NULL);
-  vm->q = tl_qemu_start ((const char *const *) args->pdata);
-  vm->storage = g_build_filename (vm->keep, "storage", NULL);
-  vm->target = g_build_filename (vm->keep, "target", NULL);
-  vm->state = g_build_filename (vm->keep, "state", NULL);
-  ck_assert_int_eq (g_mkdir (vm->storage, 0700), 0);
-  ck_assert_int_eq (g_mkdir (vm->target, 0700), 0);
-  vm->nodes_before = tl_node_names (vm->q);
+  tl_vm_start (vm, NULL);
   return vm;
 }
 
-static void
-vm_stop (Vm *vm)
-{
-  tl_qemu_stop (vm->q);
-  for (size_t i = 0; i < NDISKS; i++)
-    g_free (vm->paths[i]);
-  g_free (vm->storage);
-  g_free (vm->target);
-  g_free (vm->state);
-  g_strfreev (vm->nodes_before);
-  tl_tmpdir_free (vm->keep);
-  g_free (vm);
-}
-
 static guint8 **
-snapshot_sources (Vm *vm)
+snapshot_sources (TlVm *vm)
 {
   guint8 **data = g_new0 (guint8 *, NDISKS);
   for (size_t i = 0; i < NDISKS; i++) {
@@ -267,20 +202,10 @@ free_snapshot (guint8 **data)
   g_free (data);
 }
 
-static const char *
-disk_qdev (const Disk *d)
-{
-  static char buf[128];
-  if (strcmp (d->bus, "virtio") != 0)
-    return d->key;
-  g_snprintf (buf, sizeof buf, "/machine/peripheral/%s/virtio-backend", d->key);
-  return buf;
-}
-
 /* Overwrite the last 1 MiB of every disk through the guest device, ahead of
  * the backup, which starts at 0. */
 static void
-overwrite_tail (Vm *vm, unsigned pattern)
+overwrite_tail (TlVm *vm, unsigned pattern)
 {
   for (size_t i = 0; i < NDISKS; i++) {
     uint64_t len = MIN ((uint64_t) MiB, disks[i].size / 2);
@@ -288,7 +213,7 @@ overwrite_tail (Vm *vm, unsigned pattern)
     g_autofree char *cmd = g_strdup_printf ("write -P 0x%02x %" G_GUINT64_FORMAT
                                             " %" G_GUINT64_FORMAT, pattern, off,
                                             disks[i].size - off);
-    tl_guest_io (vm->q, disk_qdev (&disks[i]), cmd);
+    tl_guest_io (vm->q, tl_disk_qdev (&disks[i]), cmd);
   }
 }
 
@@ -306,7 +231,7 @@ assert_equals_pit (const char *path, const char *format, const guint8 *pit,
 }
 
 static void
-assert_nothing_left (Vm *vm)
+assert_nothing_left (TlVm *vm)
 {
   g_auto (GStrv) nodes = tl_node_names (vm->q);
   g_auto (GStrv) files = tl_list_dir (vm->storage);
@@ -481,7 +406,7 @@ END_TEST
 /* ---- backups -------------------------------------------------------- */
 
 static void
-check_result_drives (json_object *result, const char *format, Vm *vm)
+check_result_drives (json_object *result, const char *format, TlVm *vm)
 {
   json_object *drives = jget (result, "drives");
 
@@ -508,7 +433,7 @@ check_result_drives (json_object *result, const char *format, Vm *vm)
 /* A full backup to a directory with --json, the guest writing meanwhile. */
 START_TEST (test_backup_dir_json)
 {
-  Vm *vm = vm_start ();
+  TlVm *vm = vm_start ();
   guint8 **pit = snapshot_sources (vm);
   const char *const args[] = {
     "backup", "--qmp", vm->q->qmp_path, "--vmid", VMID,
@@ -553,16 +478,16 @@ START_TEST (test_backup_dir_json)
   g_ptr_array_unref (events);
   run_free (r);
   free_snapshot (pit);
-  vm_stop (vm);
+  tl_vm_stop (vm);
 }
 END_TEST
 
 /* The NBD target: qemu-storage-daemon exporting one file per drive. */
 START_TEST (test_backup_nbd)
 {
-  Vm *vm = vm_start ();
+  TlVm *vm = vm_start ();
   guint8 **pit = snapshot_sources (vm);
-  g_autofree char *sock = g_build_filename (vm->keep, "nbd.sock", NULL);
+  g_autofree char *sock = g_build_filename (vm->dir, "nbd.sock", NULL);
   g_autofree char *uri = g_strdup_printf ("nbd+unix:///?socket=%s", sock);
   g_autoptr (GPtrArray) qsd = g_ptr_array_new_with_free_func (g_free);
   g_autoptr (GError) err = NULL;
@@ -626,7 +551,7 @@ START_TEST (test_backup_nbd)
     assert_equals_pit (path, "raw", pit[i], disks[i].size);
   }
   free_snapshot (pit);
-  vm_stop (vm);
+  tl_vm_stop (vm);
 }
 END_TEST
 
@@ -635,10 +560,10 @@ END_TEST
  * command (the double writes a raw file per drive beside the archive). */
 START_TEST (test_backup_vma_pve)
 {
-  Vm *vm = vm_start ();
+  TlVm *vm = vm_start ();
   guint8 **pit = snapshot_sources (vm);
   const char *bin = g_getenv ("FLEECE_PVE_DOUBLE");
-  g_autofree char *dsock = g_build_filename (vm->keep, "pve.sock", NULL);
+  g_autofree char *dsock = g_build_filename (vm->dir, "pve.sock", NULL);
   g_autofree char *listen = g_strdup_printf ("--listen=%s", dsock);
   g_autofree char *upstream = g_strdup_printf ("--qemu=%s", vm->q->qmp_path);
   g_autofree char *vma = g_build_filename (vm->target, "vzdump-qemu-100.vma", NULL);
@@ -681,7 +606,7 @@ START_TEST (test_backup_vma_pve)
     assert_equals_pit (path, "raw", pit[i], disks[i].size);
   }
   free_snapshot (pit);
-  vm_stop (vm);
+  tl_vm_stop (vm);
 }
 END_TEST
 
@@ -689,7 +614,7 @@ END_TEST
  * the unfinished backup images). */
 START_TEST (test_sigterm)
 {
-  Vm *vm = vm_start ();
+  TlVm *vm = vm_start ();
   const char *const args[] = {
     "backup", "--qmp", vm->q->qmp_path, "--vmid", VMID,
     "--fleecing-storage", vm->storage, "--target-dir", vm->target,
@@ -726,7 +651,7 @@ START_TEST (test_sigterm)
   ck_assert_msg (g_strv_length (targets) == 0, "target not empty: %s", targets[0]);
   g_ptr_array_unref (events);
   run_free (r);
-  vm_stop (vm);
+  tl_vm_stop (vm);
 }
 END_TEST
 
@@ -734,7 +659,7 @@ END_TEST
  * record, a second cleanup has nothing to do. */
 START_TEST (test_kill9_then_cleanup)
 {
-  Vm *vm = vm_start ();
+  TlVm *vm = vm_start ();
   const char *const args[] = {
     "backup", "--qmp", vm->q->qmp_path, "--vmid", VMID,
     "--fleecing-storage", vm->storage, "--target-dir", vm->target,
@@ -784,14 +709,14 @@ START_TEST (test_kill9_then_cleanup)
   g_clear_pointer (&err, g_free);
   ck_assert_int_eq (run_sync_env (status_text, env, &out, &err), 0);
   ck_assert_msg (strstr (out, "Nothing is set up for VM 100."), "%s%s", out, err);
-  vm_stop (vm);
+  tl_vm_stop (vm);
 }
 END_TEST
 
 /* --no-fleecing: the same backup, no image ever allocated. */
 START_TEST (test_no_fleecing)
 {
-  Vm *vm = vm_start ();
+  TlVm *vm = vm_start ();
   guint8 **pit = snapshot_sources (vm);
   const char *const args[] = {
     "backup", "--qmp", vm->q->qmp_path, "--vmid", VMID,
@@ -822,14 +747,14 @@ START_TEST (test_no_fleecing)
   assert_nothing_left (vm);
   g_ptr_array_unref (events);
   free_snapshot (pit);
-  vm_stop (vm);
+  tl_vm_stop (vm);
 }
 END_TEST
 
 /* On a terminal: a live line per drive, redrawn in place. */
 START_TEST (test_progress_tty)
 {
-  Vm *vm = vm_start ();
+  TlVm *vm = vm_start ();
   const char *const argv[] = {
     fleece_bin, "backup", "--qmp", vm->q->qmp_path, "--vmid", VMID,
     "--fleecing-storage", vm->storage, "--target-dir", vm->target,
@@ -868,14 +793,14 @@ START_TEST (test_progress_tty)
                  "no final line for scsi0: %s", screen->str);
   ck_assert_msg (strstr (screen->str, "/s  ETA "), "no rate or ETA: %s", screen->str);
   assert_nothing_left (vm);
-  vm_stop (vm);
+  tl_vm_stop (vm);
 }
 END_TEST
 
 /* plan changes nothing and says what backup would do. */
 START_TEST (test_plan)
 {
-  Vm *vm = vm_start ();
+  TlVm *vm = vm_start ();
   const char *const args[] = { "plan", "--qmp", vm->q->qmp_path, "--vmid", VMID,
                                "--fleecing-storage", vm->storage, "--json", NULL };
   const char *const all[] = { "plan", "--qmp", vm->q->qmp_path, "--vmid", VMID,
@@ -910,7 +835,7 @@ START_TEST (test_plan)
   ck_assert_msg (strstr (err, "--devices: VM 100 has no drive 'scsi7'; it has efidisk0, "
                          "scsi0, scsi1, virtio0"), "%s", err);
   assert_nothing_left (vm);
-  vm_stop (vm);
+  tl_vm_stop (vm);
 }
 END_TEST
 

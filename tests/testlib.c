@@ -429,6 +429,100 @@ tl_make_image (TlQemu *q, const char *name, const char *format,
   return path;
 }
 
+/* ---- a Proxmox-shaped VM -------------------------------------------- */
+
+TlVm *
+tl_vm_new (const char *tag, const TlDisk *disks, size_t ndisks,
+           unsigned first_seed)
+{
+  TlVm *vm = g_new0 (TlVm, 1);
+  TlQemu images = { 0 };
+
+  vm->dir = tl_tmpdir_new (tag);
+  vm->disks = disks;
+  vm->ndisks = ndisks;
+  vm->paths = g_new0 (char *, ndisks + 1);
+  /* tl_make_image only needs a dir: the images go in the VM's, which
+   * outlives the QEMU's (tl_qemu_stop removes that one). */
+  images.dir = vm->dir;
+  for (size_t i = 0; i < ndisks; i++) {
+    const TlDisk *d = &disks[i];
+    g_autofree char *name = g_strdup_printf ("%s.%s", d->key, d->format);
+
+    vm->paths[i] = tl_make_image (&images, name, d->format, d->size,
+                                  first_seed + (unsigned) i);
+  }
+  return vm;
+}
+
+void
+tl_vm_start (TlVm *vm, const char *const *extra_args)
+{
+  g_autoptr (GPtrArray) args = g_ptr_array_new_with_free_func (g_free);
+  bool scsi = false;
+
+  for (size_t i = 0; i < vm->ndisks; i++) {
+    const TlDisk *d = &vm->disks[i];
+
+    if (strcmp (d->bus, "none") == 0)
+      continue;
+    g_ptr_array_add (args, g_strdup ("-drive"));
+    g_ptr_array_add (args, g_strdup_printf (
+      "file=%s,if=none,id=drive-%s,format=%s,discard=unmap",
+      vm->paths[i], d->key, d->format));
+    /* One controller for all SCSI disks, as Proxmox's scsihw. */
+    if (strcmp (d->bus, "scsi") == 0 && !scsi) {
+      g_ptr_array_add (args, g_strdup ("-device"));
+      g_ptr_array_add (args, g_strdup ("virtio-scsi-pci,id=scsihw0"));
+      scsi = true;
+    }
+    g_ptr_array_add (args, g_strdup ("-device"));
+    if (strcmp (d->bus, "scsi") == 0)
+      g_ptr_array_add (args, g_strdup_printf (
+        "scsi-hd,bus=scsihw0.0,drive=drive-%s,id=%s", d->key, d->key));
+    else
+      g_ptr_array_add (args, g_strdup_printf (
+        "virtio-blk-pci,drive=drive-%s,id=%s", d->key, d->key));
+  }
+  for (size_t i = 0; extra_args && extra_args[i]; i++)
+    g_ptr_array_add (args, g_strdup (extra_args[i]));
+  g_ptr_array_add (args, NULL);
+  vm->q = tl_qemu_start ((const char *const *) args->pdata);
+  vm->storage = g_build_filename (vm->dir, "storage", NULL);
+  vm->target = g_build_filename (vm->dir, "target", NULL);
+  vm->state = g_build_filename (vm->dir, "state", NULL);
+  ck_assert_int_eq (g_mkdir (vm->storage, 0700), 0);
+  ck_assert_int_eq (g_mkdir (vm->target, 0700), 0);
+  vm->nodes_before = tl_node_names (vm->q);
+}
+
+void
+tl_vm_stop (TlVm *vm)
+{
+  if (!vm)
+    return;
+  tl_qemu_stop (vm->q);
+  g_strfreev (vm->paths);
+  g_free (vm->storage);
+  g_free (vm->target);
+  g_free (vm->state);
+  g_strfreev (vm->nodes_before);
+  tl_tmpdir_free (vm->dir);
+  g_free (vm);
+}
+
+const char *
+tl_disk_qdev (const TlDisk *d)
+{
+  static char buf[128];
+
+  if (strcmp (d->bus, "virtio") != 0)
+    return d->key;
+  g_snprintf (buf, sizeof buf, "/machine/peripheral/%s/virtio-backend",
+              d->key);
+  return buf;
+}
+
 /* ---- QMP ------------------------------------------------------------ */
 
 json_object *

@@ -43,6 +43,45 @@ bool tl_qemu_alive (TlQemu *q);
 char *tl_make_image (TlQemu *q, const char *name, const char *format,
                      uint64_t size, unsigned seed);
 
+/* A disk of a Proxmox-shaped VM: drive drive-<key> (discard=unmap) on
+ * image <key>.<format>, guest device id <key>. */
+typedef struct {
+  const char *key;      /* drive key */
+  const char *format;   /* source format: raw or qcow2 */
+  uint64_t size;        /* exact, in bytes */
+  const char *bus;      /* scsi (scsi-hd on virtio-scsi-pci scsihw0), virtio
+                         * (virtio-blk-pci), or none: only the image, the
+                         * test attaches it (e.g. a backup-only drive) */
+  bool fleeced;         /* expected to be fleeced by default */
+} TlDisk;
+
+/* A QEMU with such disks, and the dirs a backup of it uses.  The disks
+ * live in the VM's own dir, which outlives the QEMU. */
+typedef struct {
+  TlQemu *q;            /* NULL until tl_vm_start */
+  char *dir;            /* scratch: the disks, storage, target, state */
+  const TlDisk *disks;  /* the test's table, not copied */
+  size_t ndisks;
+  char **paths;         /* image of disks[i] (NULL-terminated) */
+  char *storage;        /* <dir>/storage, the fleecing storage (made) */
+  char *target;         /* <dir>/target, the backup target (made) */
+  char *state;          /* <dir>/state, the state dir (not made) */
+  char **nodes_before;  /* tl_node_names once QEMU is up */
+} TlVm;
+
+/* Scratch dir fleece-<tag>-XXXXXX with an image of each disk (disks[i]
+ * filled with seed first_seed + i); no QEMU yet. */
+TlVm *tl_vm_new (const char *tag, const TlDisk *disks, size_t ndisks,
+                 unsigned first_seed);
+/* Start QEMU with the disks then extra_args (NULL-terminated, may be NULL),
+ * make storage and target, and record nodes_before. */
+void tl_vm_start (TlVm *vm, const char *const *extra_args);
+/* Stop its QEMU (if started), remove its dir and free it. */
+void tl_vm_stop (TlVm *vm);
+/* What HMP qemu-io -d takes for the disk's device: virtio-blk's
+ * BlockBackend hangs off the proxy's virtio-backend child.  Static buffer. */
+const char *tl_disk_qdev (const TlDisk *d);
+
 /* Execute a QMP command on the test's connection; aborts the test on error.
  * args is consumed.  Returns the "return" value (json_object_put it). */
 json_object *tl_qmp (TlQemu *q, const char *command, json_object *args);
