@@ -1398,6 +1398,7 @@ qemu_poll (struct fleece_handle *h, int timeout_ms, GError **err)
 
     if (concluded == p->drives->len) {
       const char *failure = NULL;
+      bool all_ok = true;
 
       for (guint i = 0; i < p->drives->len; i++) {
         FleeceDrive *d = p->drives->pdata[i];
@@ -1406,13 +1407,17 @@ qemu_poll (struct fleece_handle *h, int timeout_ms, GError **err)
 
         if (!cmd_job (h, "job-dismiss", id, &derr))
           fleece_log (h, FLEECE_LOG_WARNING, "%s", derr->message);
+        all_ok = all_ok && strcmp (d->result, "ok") == 0;
         /* Grouped jobs cancelled because another failed say "canceled":
          * report the one that failed. */
         if (strcmp (d->result, "ok") != 0 && strcmp (d->result, "cancelled") != 0 &&
             (!failure || strstr (failure, "Operation canceled")))
           failure = d->result;
       }
-      if (h->cancelled) {
+      /* Every job completed before the cancel took effect: the backup is
+       * whole, and a success (as the Proxmox engine reports it), not
+       * something cleanup would remove as unfinished. */
+      if (h->cancelled && !all_ok) {
         g_set_error (err, FLEECE_ERROR, ECANCELED, "the backup of VM %u was cancelled",
                      h->vmid);
         return -1;
