@@ -1,8 +1,9 @@
 #!/bin/sh
 # The README's test command: install what is needed, build with warnings as
-# errors, run every suite, then the unit suites and the engines' end-to-end
-# tests under valgrind, the whole suite under ASan+UBSan, and a short
-# libFuzzer run of each fuzz target (FLEECE_FUZZ_SECONDS, default 20).
+# errors, run every suite, check what `meson install` installs, then the
+# unit suites and the engines' end-to-end tests under valgrind, the whole
+# suite under ASan+UBSan, and a short libFuzzer run of each fuzz target
+# (FLEECE_FUZZ_SECONDS, default 20).
 # Run as root on Debian 12.
 set -eu
 cd "$(dirname "$0")/.."
@@ -25,6 +26,9 @@ ninja -C build-test
 
 echo "== all suites"
 meson test -C build-test --print-errorlogs --num-processes 2
+
+echo "== meson install, used from the install"
+tests/check-install.sh build-test
 
 echo "== unit suites and the engines' end-to-end tests under valgrind"
 meson test -C build-test --setup valgrind --suite unit --print-errorlogs --num-processes 2

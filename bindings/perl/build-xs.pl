@@ -4,7 +4,13 @@
 # Makefile.PL there against the uninstalled libfleece and make, and touches
 # a stamp file.  Nothing is written to the source tree.
 #
-#   build-xs.pl SRCDIR OUTDIR PKGCONFIGDIR STAMP [werror]
+#   build-xs.pl SRCDIR OUTDIR PKGCONFIGDIR STAMP [werror] [install=PREFIX]
+#
+# Without install=, the module is for the tests: it loads the library in
+# the build tree (rpath).  With it, the module is the one `meson install`
+# installs (install-xs.pl): no rpath, and Perl's directories for PREFIX —
+# vendor for /usr, site for Perl's site prefix (/usr/local), else
+# PREFIX/lib/perl5 (INSTALL_BASE).
 use strict;
 use warnings;
 
@@ -15,8 +21,11 @@ use File::Compare qw(compare);
 use File::Copy qw(copy);
 use File::Path qw(make_path);
 
-my ($srcdir, $outdir, $pcdir, $stamp, $werror) = @ARGV;
-die "usage: $0 SRCDIR OUTDIR PKGCONFIGDIR STAMP [werror]\n" if !defined($stamp);
+my ($srcdir, $outdir, $pcdir, $stamp, @flags) = @ARGV;
+die "usage: $0 SRCDIR OUTDIR PKGCONFIGDIR STAMP [werror] [install=PREFIX]\n"
+    if !defined($stamp);
+my $werror = grep { $_ eq 'werror' } @flags;
+my ($prefix) = map { m/^install=(.+)$/ ? $1 : () } @flags;
 # Relative to ninja's directory; this script changes directory.
 $stamp = abs_path(dirname($stamp)) . '/' . (split m{/}, $stamp)[-1];
 
@@ -30,8 +39,16 @@ for my $file (qw(Makefile.PL Fleece.xs typemap lib/Fleece.pm)) {
 
 chdir($outdir) or die "$0: cannot chdir to $outdir: $!\n";
 $ENV{PKG_CONFIG_PATH} = join(':', $pcdir, grep { defined && length } $ENV{PKG_CONFIG_PATH});
-$ENV{FLEECE_UNINSTALLED} = 1;
-$ENV{FLEECE_WERROR} = ($werror // '') eq 'werror' ? 1 : 0;
+if (defined($prefix)) {
+    delete $ENV{FLEECE_UNINSTALLED};
+} else {
+    $ENV{FLEECE_UNINSTALLED} = 1;
+}
+$ENV{FLEECE_WERROR} = $werror ? 1 : 0;
+my @where = !defined($prefix) ? ()
+    : $prefix eq '/usr' ? ('INSTALLDIRS=vendor')
+    : $prefix eq $Config{siteprefix} ? ('INSTALLDIRS=site')
+    : ("INSTALL_BASE=$prefix");
 # ninja's jobserver is not make's; keep make's output in order.
 delete @ENV{qw(MAKEFLAGS MFLAGS)};
 
@@ -41,7 +58,14 @@ sub run {
     open(my $log, '>>', 'build.log') or die "$0: cannot write $outdir/build.log: $!\n";
     print {$log} "+ @cmd\n";
     close($log);
-    if (system("@cmd >>build.log 2>&1") != 0) {
+    # No shell: a prefix may hold anything.
+    my $pid = fork() // die "$0: fork: $!\n";
+    if (!$pid) {
+        open(STDOUT, '>>', 'build.log') && open(STDERR, '>&', \*STDOUT) or exit(126);
+        exec { $cmd[0] } @cmd or exit(127);
+    }
+    waitpid($pid, 0);
+    if ($? != 0) {
         open(my $fh, '<', 'build.log');
         print STDERR <$fh>;
         die "$0: '@cmd' failed in $outdir\n";
@@ -51,7 +75,7 @@ sub run {
 unlink('build.log');
 
 # Always: the flags depend on the environment (pkg-config, werror) as well.
-run($^X, 'Makefile.PL');
+run($^X, 'Makefile.PL', @where);
 run($Config{make});
 
 open(my $fh, '>', $stamp) or die "$0: cannot write $stamp: $!\n";
