@@ -617,6 +617,72 @@ settle_jobs (struct fleece_handle *h, json_object *drives, bool backups,
   return true;
 }
 
+/* A JOB_STATUS_CHANGE that ends one of the jobs in the set opaque. */
+static bool
+job_end_event (const char *event, json_object *data, void *opaque)
+{
+  const char *id = fleece_jstr (data, "id"), *status = fleece_jstr (data, "status");
+
+  return strcmp (event, "JOB_STATUS_CHANGE") == 0 && id &&
+         g_hash_table_contains (opaque, id) &&
+         (g_strcmp0 (status, "concluded") == 0 || g_strcmp0 (status, "null") == 0);
+}
+
+/* Wait until the jobs in ids (emptied meanwhile) have ended, by their
+ * events and without sending a command: the commands of a setup are then
+ * the same whatever the timing (test-faults kills the caller at each of
+ * them by number).  Only when no event comes for 2 s (events dropped from a
+ * full queue) does a query-jobs look. */
+static bool
+await_jobs (struct fleece_handle *h, GHashTable *ids, GError **err)
+{
+  gint64 deadline = g_get_monotonic_time () + JOB_END_TIMEOUT_MS * 1000LL;
+
+  while (g_hash_table_size (ids) > 0) {
+    g_autoptr (GError) werr = NULL;
+    g_autoptr (json_object) ev = fleece_qmp_wait_event (h->qmp, job_end_event, ids,
+                                                        2000, &werr);
+    g_autoptr (json_object) jobs = NULL;
+    json_object *data;
+
+    if (ev) {
+      if (json_object_object_get_ex (ev, "data", &data))
+        g_hash_table_remove (ids, fleece_jstr (data, "id"));
+      continue;
+    }
+    if (!g_error_matches (werr, FLEECE_QMP_ERROR, FLEECE_QMP_ERROR_TIMEOUT)) {
+      g_propagate_error (err, g_steal_pointer (&werr));
+      return false;
+    }
+    if (g_get_monotonic_time () > deadline) {
+      g_set_error (err, FLEECE_ERROR, ETIMEDOUT,
+                   "jobs of VM %u did not end within %d s", h->vmid,
+                   JOB_END_TIMEOUT_MS / 1000);
+      return false;
+    }
+    if (!(jobs = fleece_qmp_execute (h->qmp, "query-jobs", NULL, err)))
+      return false;
+    {
+      g_autoptr (GHashTable) running = g_hash_table_new (g_str_hash, g_str_equal);
+      GHashTableIter it;
+      gpointer id;
+
+      for (size_t i = 0; i < json_object_array_length (jobs); i++) {
+        json_object *j = json_object_array_get_idx (jobs, i);
+        const char *st = fleece_jstr (j, "status");
+        if (fleece_jstr (j, "id") && g_strcmp0 (st, "concluded") != 0 &&
+            g_strcmp0 (st, "null") != 0)
+          g_hash_table_add (running, (gpointer) fleece_jstr (j, "id"));
+      }
+      g_hash_table_iter_init (&it, ids);
+      while (g_hash_table_iter_next (&it, &id, NULL))
+        if (!g_hash_table_contains (running, id))
+          g_hash_table_iter_remove (&it);
+    }
+  }
+  return true;
+}
+
 static bool
 del_if_present (struct fleece_handle *h, GHashTable *nodes, const char *node,
                 GError **err)
@@ -1030,13 +1096,14 @@ record_drives (struct fleece_handle *h)
 
 /* Images from the directory storage in qcow2 come as empty files: QEMU
  * writes their metadata, one blockdev-create job per image started as soon
- * as its file node exists and all awaited together, which for 64 drives
- * costs a tenth of running qemu-img 64 times (docs/benchmarks.md). */
+ * as its file node exists and all awaited together.  For 64 drives that
+ * adds ~110 ms to attaching raw images, running qemu-img 64 times added
+ * ~500 ms (docs/benchmarks.md). */
 static bool
 attach_images (struct fleece_handle *h, struct fleece_plan *p, GError **err)
 {
   g_autofree bool *formatting = g_new0 (bool, p->drives->len + 1);
-  bool any = false;
+  g_autoptr (GHashTable) jobs = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
 
   for (guint i = 0; i < p->drives->len; i++) {
     FleeceDrive *d = p->drives->pdata[i];
@@ -1058,14 +1125,15 @@ attach_images (struct fleece_handle *h, struct fleece_plan *p, GError **err)
       if (!cmd_add_file_node (h, path, fnode, err) ||
           !cmd_format_qcow2 (h, job, fnode, d->size, err))
         return false;
-      any = true;
+      g_hash_table_add (jobs, g_steal_pointer (&job));
     } else if (!cmd_add_fleecing (h, d, path, false, err)) {
       return false;
     }
   }
-  if (any && !settle_jobs (h, record_drives (h), false, true, false, err)) {
+  if (g_hash_table_size (jobs) > 0 &&
+      (!await_jobs (h, jobs, err) ||
+       !settle_jobs (h, record_drives (h), false, true, false, err)))
     return false;
-  }
   for (guint i = 0; i < p->drives->len; i++) {
     FleeceDrive *d = p->drives->pdata[i];
 
@@ -1137,6 +1205,7 @@ add_targets (struct fleece_handle *h, struct fleece_plan *p,
              struct fleece_target *t, GError **err)
 {
   bool qcow2 = t->kind == FLEECE_TARGET_DIR && strcmp (t->format, "qcow2") == 0;
+  g_autoptr (GHashTable) jobs = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
 
   for (guint i = 0; i < p->drives->len; i++) {
     FleeceDrive *d = p->drives->pdata[i];
@@ -1150,13 +1219,15 @@ add_targets (struct fleece_handle *h, struct fleece_plan *p,
                         fleece_target_file_blockdev (t, d->key, fnode), err) ||
                !cmd_format_qcow2 (h, job, fnode, d->size, err)) {
       return false;
+    } else {
+      g_hash_table_add (jobs, g_steal_pointer (&job));
     }
   }
   if (!qcow2)
     return true;
-  if (!settle_jobs (h, record_drives (h), false, true, false, err)) {
+  if (!await_jobs (h, jobs, err) ||
+      !settle_jobs (h, record_drives (h), false, true, false, err))
     return false;
-  }
   for (guint i = 0; i < p->drives->len; i++)
     if (!cmd_add_target (h, t, p->drives->pdata[i], true, err))
       return false;
@@ -1168,9 +1239,9 @@ add_targets (struct fleece_handle *h, struct fleece_plan *p,
 static void
 remove_new_targets (struct fleece_handle *h)
 {
-  json_object *drives;
+  json_object *drives = record_drives (h);
 
-  if (!json_object_object_get_ex (h->record, "drives", &drives))
+  if (!drives)
     return;
   for (size_t i = 0; i < json_object_array_length (drives); i++) {
     json_object *d = json_object_array_get_idx (drives, i);
