@@ -1044,11 +1044,13 @@ START_TEST (test_storage_full)
   Vm *vm = vm_start ();
   struct fleece_handle *h;
   struct fleece_plan *p;
-  struct fleece_target *t = fleece_target_new_dir (vm->tl->target, "raw");
+  struct fleece_target *t;
   int r;
 
-  /* Room for the qcow2 metadata, not for 4 MiB of old data. */
+  /* Room for the qcow2 metadata, not for 4 MiB of old data.  (The target
+   * after the mount: its watcher process, a fork, holds nothing of ours.) */
   mount_tmpfs (vm->tl->storage, "1m");
+  t = fleece_target_new_dir (vm->tl->target, "raw");
   h = vm_handle (vm, vm->tl->q->qmp_path);
   ck_assert_int_eq (fleece_set_bwlimit (h, BWLIMIT_SLOW), 0);
   p = fleece_plan (h);
@@ -1071,6 +1073,7 @@ START_TEST (test_storage_full)
   target_clear (vm);
   fleece_plan_free (p);
   fleece_free (h);
+  fleece_target_free (t);
   ck_assert_int_eq (umount (vm->tl->storage), 0);
 
   /* Not even the image's metadata fits. */
@@ -1087,8 +1090,6 @@ START_TEST (test_storage_full)
   fleece_plan_free (p);
   fleece_free (h);
   ck_assert_int_eq (umount (vm->tl->storage), 0);
-
-  fleece_target_free (t);
   vm_stop (vm);
 }
 END_TEST
