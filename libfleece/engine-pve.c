@@ -27,8 +27,6 @@
 #include <string.h>
 #include <sys/statvfs.h>
 
-#include <uuid/uuid.h>
-
 #include "internal.h"
 #include "engine.h"
 #include "target.h"
@@ -390,41 +388,17 @@ attach_by_hmp (struct fleece_handle *h)
 static json_object *
 record_new (struct fleece_handle *h, struct fleece_plan *p)
 {
-  json_object *r = json_object_new_object ();
-  json_object *drives = json_object_new_array ();
-  uuid_t u;
-  char run[37];
+  json_object *r = fleece_run_record_new (h, p, "pve");
+  json_object *drives;
 
-  uuid_generate (u);
-  uuid_unparse_lower (u, run);
-  json_object_object_add (r, "version", json_object_new_int (1));
-  json_object_object_add (r, "vmid", json_object_new_int64 (h->vmid));
-  fleece_jset_str (r, "engine", "pve");
-  fleece_jset_str (r, "run", run);
-  fleece_jset_str (r, "qmp", h->qmp_path);
-  fleece_jset_str (r, "state", "attaching");
-  json_object_object_add (r, "created",
-                          json_object_new_int64 (g_get_real_time () / G_USEC_PER_SEC));
-  if (h->storage)
-    json_object_object_add (r, "storage", fleece_storage_describe (h->storage));
   fleece_jset_str (r, "attach", attach_by_hmp (h) ? "hmp" : "blockdev");
   fleece_jset_str (r, "mode", NULL);
   fleece_jset_str (r, "target-id", NULL);
   fleece_jset_str (r, "backup-uuid", NULL);
-  for (guint i = 0; i < p->drives->len; i++) {
-    FleeceDrive *d = p->drives->pdata[i];
-    json_object *j = json_object_new_object ();
-
-    fleece_jset_str (j, "key", d->key);
-    fleece_jset_str (j, "device", d->device);
-    json_object_object_add (j, "size", json_object_new_int64 ((int64_t) d->size));
-    json_object_object_add (j, "fleeced", json_object_new_boolean (d->fleeced));
-    fleece_jset_str (j, "image", d->image);
-    fleece_jset_str (j, "format", d->format);
-    fleece_jset_str (j, "volid", NULL);
-    json_object_array_add (drives, j);
-  }
-  json_object_object_add (r, "drives", drives);
+  json_object_object_get_ex (r, "drives", &drives);
+  for (guint i = 0; i < p->drives->len; i++)
+    fleece_jset_str (json_object_array_get_idx (drives, i), "device",
+                     ((FleeceDrive *) p->drives->pdata[i])->device);
   return r;
 }
 
@@ -763,24 +737,9 @@ pve_attach (struct fleece_handle *h, struct fleece_plan *p, GError **err)
     g_hash_table_add (ours, fleecing_id (d->device));
     g_hash_table_add (ours, fleecing_file_node (d->key));
   }
-  if (!detach_fleecing (h, ours, err))
-    return false;
-
-  if (h->record)
-    json_object_put (h->record);
-  h->record = record_new (h, p);
-  if (!fleece_run_record_save (h, err))
-    return false;
-  if (!attach_images (h, p, err)) {
-    fleece_run_rollback (h, &fleece_engine_pve_ops);
-    return false;
-  }
-  fleece_run_record_set_state (h, "attached");
-  if (!fleece_run_record_save (h, err)) {
-    fleece_run_rollback (h, &fleece_engine_pve_ops);
-    return false;
-  }
-  return true;
+  return detach_fleecing (h, ours, err) &&
+         fleece_run_attach (h, p, record_new (h, p), attach_images,
+                            &fleece_engine_pve_ops, err);
 }
 
 /* ---- start ----------------------------------------------------------------- */

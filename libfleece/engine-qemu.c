@@ -16,8 +16,6 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
-#include <uuid/uuid.h>
-
 #include "internal.h"
 #include "engine.h"
 #include "target.h"
@@ -456,41 +454,20 @@ query_roots (struct fleece_handle *h, GError **err)
 static json_object *
 record_new (struct fleece_handle *h, struct fleece_plan *p)
 {
-  json_object *r = json_object_new_object ();
-  json_object *drives = json_object_new_array ();
-  uuid_t u;
-  char run[37];
+  json_object *r = fleece_run_record_new (h, p, "qemu");
+  json_object *drives;
 
-  uuid_generate (u);
-  uuid_unparse_lower (u, run);
-  json_object_object_add (r, "version", json_object_new_int (1));
-  json_object_object_add (r, "vmid", json_object_new_int64 (h->vmid));
-  fleece_jset_str (r, "engine", "qemu");
-  fleece_jset_str (r, "run", run);
-  fleece_jset_str (r, "qmp", h->qmp_path);
-  fleece_jset_str (r, "state", "attaching");
-  json_object_object_add (r, "created",
-                          json_object_new_int64 (g_get_real_time () / G_USEC_PER_SEC));
-  if (h->storage)
-    json_object_object_add (r, "storage", fleece_storage_describe (h->storage));
   json_object_object_add (r, "paused-by-us", json_object_new_boolean (false));
   fleece_jset_str (r, "bitmap", h->bitmap);
+  json_object_object_get_ex (r, "drives", &drives);
   for (guint i = 0; i < p->drives->len; i++) {
     FleeceDrive *d = p->drives->pdata[i];
-    json_object *j = json_object_new_object ();
+    json_object *j = json_object_array_get_idx (drives, i);
 
-    fleece_jset_str (j, "key", d->key);
     fleece_jset_str (j, "qdev", d->qdev);
     fleece_jset_str (j, "root", d->root);
-    json_object_object_add (j, "size", json_object_new_int64 ((int64_t) d->size));
-    json_object_object_add (j, "fleeced", json_object_new_boolean (d->fleeced));
-    fleece_jset_str (j, "image", d->image);
-    fleece_jset_str (j, "format", d->format);
-    fleece_jset_str (j, "volid", NULL);
     fleece_jset_str (j, "target-file", NULL);
-    json_object_array_add (drives, j);
   }
-  json_object_object_add (r, "drives", drives);
   return r;
 }
 
@@ -1150,23 +1127,9 @@ attach_images (struct fleece_handle *h, struct fleece_plan *p, GError **err)
 static bool
 qemu_attach (struct fleece_handle *h, struct fleece_plan *p, GError **err)
 {
-  if (!remove_leftovers (h, p, err))
-    return false;
-  if (h->record)
-    json_object_put (h->record);
-  h->record = record_new (h, p);
-  if (!fleece_run_record_save (h, err))
-    return false;
-  if (!attach_images (h, p, err)) {
-    fleece_run_rollback (h, &fleece_engine_qemu_ops);
-    return false;
-  }
-  fleece_run_record_set_state (h, "attached");
-  if (!fleece_run_record_save (h, err)) {
-    fleece_run_rollback (h, &fleece_engine_qemu_ops);
-    return false;
-  }
-  return true;
+  return remove_leftovers (h, p, err) &&
+         fleece_run_attach (h, p, record_new (h, p), attach_images,
+                            &fleece_engine_qemu_ops, err);
 }
 
 /* ---- start ------------------------------------------------------------------ */

@@ -5,6 +5,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <uuid/uuid.h>
+
 #include "internal.h"
 #include "engine.h"
 
@@ -570,6 +572,43 @@ fleece_free_recorded_images (struct fleece_handle *h, json_object *record,
   return true;
 }
 
+json_object *
+fleece_run_record_new (struct fleece_handle *h, struct fleece_plan *p,
+                       const char *engine)
+{
+  json_object *r = json_object_new_object ();
+  json_object *drives = json_object_new_array ();
+  uuid_t u;
+  char run[37];
+
+  uuid_generate (u);
+  uuid_unparse_lower (u, run);
+  json_object_object_add (r, "version", json_object_new_int (1));
+  json_object_object_add (r, "vmid", json_object_new_int64 (h->vmid));
+  fleece_jset_str (r, "engine", engine);
+  fleece_jset_str (r, "run", run);
+  fleece_jset_str (r, "qmp", h->qmp_path);
+  fleece_jset_str (r, "state", "attaching");
+  json_object_object_add (r, "created",
+                          json_object_new_int64 (g_get_real_time () / G_USEC_PER_SEC));
+  if (h->storage)
+    json_object_object_add (r, "storage", fleece_storage_describe (h->storage));
+  for (guint i = 0; i < p->drives->len; i++) {
+    FleeceDrive *d = p->drives->pdata[i];
+    json_object *j = json_object_new_object ();
+
+    fleece_jset_str (j, "key", d->key);
+    json_object_object_add (j, "size", json_object_new_int64 ((int64_t) d->size));
+    json_object_object_add (j, "fleeced", json_object_new_boolean (d->fleeced));
+    fleece_jset_str (j, "image", d->image);
+    fleece_jset_str (j, "format", d->format);
+    fleece_jset_str (j, "volid", NULL);
+    json_object_array_add (drives, j);
+  }
+  json_object_object_add (r, "drives", drives);
+  return r;
+}
+
 bool
 fleece_run_record_save (struct fleece_handle *h, GError **err)
 {
@@ -613,4 +652,28 @@ fleece_run_rollback (struct fleece_handle *h, const FleeceEngineOps *ops)
   }
   if (!fleece_record_remove (&rs, h->vmid, &uerr))
     fleece_log (h, FLEECE_LOG_WARNING, "%s", uerr->message);
+}
+
+bool
+fleece_run_attach (struct fleece_handle *h, struct fleece_plan *p,
+                   json_object *record,
+                   bool (*attach_images) (struct fleece_handle *h,
+                                          struct fleece_plan *p, GError **err),
+                   const FleeceEngineOps *ops, GError **err)
+{
+  if (h->record)
+    json_object_put (h->record);
+  h->record = record;
+  if (!fleece_run_record_save (h, err))
+    return false;
+  if (!attach_images (h, p, err)) {
+    fleece_run_rollback (h, ops);
+    return false;
+  }
+  fleece_run_record_set_state (h, "attached");
+  if (!fleece_run_record_save (h, err)) {
+    fleece_run_rollback (h, ops);
+    return false;
+  }
+  return true;
 }

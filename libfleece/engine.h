@@ -41,6 +41,16 @@ const FleeceEngineOps *fleece_engine_ops (struct fleece_handle *h);
  * logged (and the record kept for fleece_cleanup()). */
 void fleece_run_rollback (struct fleece_handle *h, const FleeceEngineOps *ops);
 
+/* What every engine's attach does around its own attach_images: write the
+ * new record (taking it) before anything is allocated, then mark the run
+ * "attached"; a failure rolls back from the record. */
+bool fleece_run_attach (struct fleece_handle *h, struct fleece_plan *p,
+                        json_object *record,
+                        bool (*attach_images) (struct fleece_handle *h,
+                                               struct fleece_plan *p,
+                                               GError **err),
+                        const FleeceEngineOps *ops, GError **err);
+
 /* After connecting: load features and choose the engine. */
 bool fleece_engine_probe (struct fleece_handle *h, GError **err);
 /* (Re)choose h->engine from h->engine_request and h->features. */

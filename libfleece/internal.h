@@ -209,6 +209,12 @@ bool fleece_handle_open (struct fleece_handle *h, const char *qmp_path,
 bool fleece_free_recorded_images (struct fleece_handle *h, json_object *record,
                                   GError **err);
 
+/* engine.c: a new record of a run of engine: what every engine records
+ * (version, VM, a run id, the QMP socket, state "attaching", the storage;
+ * per drive, in plan order, key, size, fleeced, image, format and a null
+ * volid); the engine adds its own. */
+json_object *fleece_run_record_new (struct fleece_handle *h,
+                                    struct fleece_plan *p, const char *engine);
 /* engine.c: the record of the run set up on h (h->record): store it
  * durably, set its state, find a drive's entry by key. */
 bool fleece_run_record_save (struct fleece_handle *h, GError **err);
