@@ -907,15 +907,7 @@ access_start (struct fleece_handle *h, struct fleece_plan *p,
                 fleece_jstr (info, "bitmap-name") ? ", bitmap " : "",
                 fleece_jstr (info, "bitmap-name") ? fleece_jstr (info, "bitmap-name") : "");
   }
-  fleece_run_record_set_state (h, "running");
-  if (!fleece_run_record_save (h, err))
-    fleece_log (h, FLEECE_LOG_WARNING, "cannot update the record: %s", (*err)->message),
-      g_clear_error (err);
-  for (guint i = 0; i < p->drives->len; i++) {
-    FleeceDrive *d = p->drives->pdata[i];
-    d->started_us = g_get_real_time ();
-    d->total = d->size;
-  }
+  fleece_run_mark_running (h, p);
   return true;
 
  fail:
@@ -980,15 +972,7 @@ pve_start (struct fleece_handle *h, struct fleece_plan *p,
     goto fail;
   }
   fleece_jset_str (h->record, "backup-uuid", fleece_jstr (r, "UUID"));
-  fleece_run_record_set_state (h, "running");
-  if (!fleece_run_record_save (h, err))
-    fleece_log (h, FLEECE_LOG_WARNING, "cannot update the record: %s", (*err)->message),
-      g_clear_error (err);
-  for (guint i = 0; i < p->drives->len; i++) {
-    FleeceDrive *d = p->drives->pdata[i];
-    d->started_us = g_get_real_time ();
-    d->total = d->size;
-  }
+  fleece_run_mark_running (h, p);
   return true;
 
  fail:

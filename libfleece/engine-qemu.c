@@ -1310,15 +1310,7 @@ qemu_start (struct fleece_handle *h, struct fleece_plan *p,
       goto fail;
     json_object_object_add (h->record, "paused-by-us", json_object_new_boolean (false));
   }
-  fleece_run_record_set_state (h, "running");
-  if (!fleece_run_record_save (h, err))
-    fleece_log (h, FLEECE_LOG_WARNING, "cannot update the record: %s", (*err)->message),
-      g_clear_error (err);
-  for (guint i = 0; i < p->drives->len; i++) {
-    FleeceDrive *d = p->drives->pdata[i];
-    d->started_us = g_get_real_time ();
-    d->total = d->size;
-  }
+  fleece_run_mark_running (h, p);
   fleece_log (h, FLEECE_LOG_INFO, "backup of VM %u started (%u drives)",
               h->vmid, p->drives->len);
   return true;

@@ -677,3 +677,18 @@ fleece_run_attach (struct fleece_handle *h, struct fleece_plan *p,
   }
   return true;
 }
+
+void
+fleece_run_mark_running (struct fleece_handle *h, struct fleece_plan *p)
+{
+  g_autoptr (GError) err = NULL;
+
+  fleece_run_record_set_state (h, "running");
+  if (!fleece_run_record_save (h, &err))
+    fleece_log (h, FLEECE_LOG_WARNING, "cannot update the record: %s", err->message);
+  for (guint i = 0; i < p->drives->len; i++) {
+    FleeceDrive *d = p->drives->pdata[i];
+    d->started_us = g_get_real_time ();
+    d->total = d->size;
+  }
+}

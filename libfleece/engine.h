@@ -41,6 +41,11 @@ const FleeceEngineOps *fleece_engine_ops (struct fleece_handle *h);
  * logged (and the record kept for fleece_cleanup()). */
 void fleece_run_rollback (struct fleece_handle *h, const FleeceEngineOps *ops);
 
+/* The backup runs: the record says so (a failure to store that is only
+ * logged: the record of a started run already lists all there is to
+ * undo), and every drive's clock starts. */
+void fleece_run_mark_running (struct fleece_handle *h, struct fleece_plan *p);
+
 /* What every engine's attach does around its own attach_images: write the
  * new record (taking it) before anything is allocated, then mark the run
  * "attached"; a failure rolls back from the record. */
