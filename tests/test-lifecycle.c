@@ -99,27 +99,6 @@ vm_handle (Vm *vm)
   return vm_handle_on (vm, vm->tl->q->qmp_path);
 }
 
-/* Guest-visible content of every disk now (the point in time). */
-static guint8 **
-snapshot_sources (Vm *vm)
-{
-  guint8 **data = g_new0 (guint8 *, NDISKS);
-  for (size_t i = 0; i < NDISKS; i++) {
-    uint64_t size = 0;
-    data[i] = tl_read_image (vm->tl->paths[i], disks[i].format, &size);
-    ck_assert_uint_eq (size, disks[i].size);
-  }
-  return data;
-}
-
-static void
-free_snapshot (guint8 **data)
-{
-  for (size_t i = 0; i < NDISKS; i++)
-    g_free (data[i]);
-  g_free (data);
-}
-
 /* Overwrite the last 1 MiB of every disk (or all of a small one) through
  * the guest device: ahead of the backup cursor, which starts at 0. */
 static uint64_t
@@ -311,7 +290,7 @@ run_full_backup (const char *target_format)
   struct fleece_handle *h = vm_handle (vm);
   struct fleece_plan *p = plan_checked (h);
   struct fleece_target *t = fleece_target_new_dir (vm->tl->target, target_format);
-  guint8 **pit = snapshot_sources (vm);
+  guint8 **pit = tl_vm_snapshot (vm->tl);
   uint64_t done = 0, total = 0, peak = 0, written;
   int r;
 
@@ -363,7 +342,7 @@ run_full_backup (const char *target_format)
   assert_backup_equals (vm, target_format, pit);
   assert_new_data (vm, 0xee);
 
-  free_snapshot (pit);
+  tl_vm_snapshot_free (vm->tl, pit);
   fleece_target_free (t);
   fleece_plan_free (p);
   fleece_free (h);
@@ -526,7 +505,7 @@ START_TEST (test_incremental)
                            tl_json ("{\"node\": \"%s\", \"name\": \"b0\"}", root)));
   tl_guest_io (vm->tl->q, "scsi0", "write -P 0x22 1M 64k");
   tl_guest_io (vm->tl->q, "scsi0", "write -P 0x23 12M 64k");
-  pit = snapshot_sources (vm);
+  pit = tl_vm_snapshot (vm->tl);
 
   p = plan_checked (h);
   fleece_set_bwlimit (h, 256);
@@ -573,7 +552,7 @@ START_TEST (test_incremental)
     json_object_put (nodes);
     ck_assert_int_eq (count, 2 * 65536);
   }
-  free_snapshot (pit);
+  tl_vm_snapshot_free (vm->tl, pit);
   fleece_target_free (t);
   fleece_plan_free (p);
   fleece_free (h);
@@ -637,7 +616,7 @@ START_TEST (test_nbd_target)
   g_autofree char *uri = g_strdup_printf ("nbd+unix:///?socket=%s", sock);
   g_autoptr (GPtrArray) argv = g_ptr_array_new_with_free_func (g_free);
   struct fleece_target *t;
-  guint8 **pit = snapshot_sources (vm);
+  guint8 **pit = tl_vm_snapshot (vm->tl);
   GPid qsd;
   int r, status;
 
@@ -680,7 +659,7 @@ START_TEST (test_nbd_target)
   g_spawn_close_pid (qsd);
   assert_backup_equals (vm, "raw", pit);
 
-  free_snapshot (pit);
+  tl_vm_snapshot_free (vm->tl, pit);
   fleece_target_free (t);
   fleece_plan_free (p);
   fleece_free (h);

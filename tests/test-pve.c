@@ -437,26 +437,6 @@ assert_nothing_left (Vm *vm)
                  "under a running backup");
 }
 
-static guint8 **
-snapshot_sources (Vm *vm)
-{
-  guint8 **data = g_new0 (guint8 *, NDISKS);
-  for (size_t i = 0; i < NDISKS; i++) {
-    uint64_t size = 0;
-    data[i] = tl_read_image (vm->tl->paths[i], disks[i].format, &size);
-    ck_assert_uint_eq (size, disks[i].size);
-  }
-  return data;
-}
-
-static void
-free_snapshot (guint8 **data)
-{
-  for (size_t i = 0; i < NDISKS; i++)
-    g_free (data[i]);
-  g_free (data);
-}
-
 /* Overwrite the last 1 MiB (half of a small disk) of every guest disk
  * through its device: ahead of the backup cursor, which starts at 0. */
 static void
@@ -543,7 +523,7 @@ START_TEST (test_backup_point_in_time)
   struct fleece_handle *h = vm_handle (vm);
   struct fleece_plan *p = plan_checked (h, vm);
   struct fleece_target *t = vma_target (vm);
-  guint8 **pit = snapshot_sources (vm);
+  guint8 **pit = tl_vm_snapshot (vm->tl);
   g_autoptr (json_object) args = NULL;
   g_autofree char *manifest = NULL;
   uint64_t done = 0, total = 0, held = 0;
@@ -628,7 +608,7 @@ START_TEST (test_backup_point_in_time)
   assert_nothing_left (vm);
   assert_backup_equals (vm, pit);
 
-  free_snapshot (pit);
+  tl_vm_snapshot_free (vm->tl, pit);
   fleece_target_free (t);
   fleece_plan_free (p);
   fleece_free (h);
@@ -685,7 +665,7 @@ START_TEST (test_legacy_hmp_odd_sizes)
   Lvm lvm = { .dir = g_build_filename (vm->tl->storage, "we,ird \"st\\orage\"", NULL) };
   struct fleece_plan *p;
   struct fleece_target *t = vma_target (vm);
-  guint8 **pit = snapshot_sources (vm);
+  guint8 **pit = tl_vm_snapshot (vm->tl);
   g_auto (GStrv) cmds = NULL;
   json_object *blocks;
   int attached = 0;
@@ -750,7 +730,7 @@ START_TEST (test_legacy_hmp_odd_sizes)
   g_rmdir (lvm.dir);
   assert_nothing_left (vm);
 
-  free_snapshot (pit);
+  tl_vm_snapshot_free (vm->tl, pit);
   g_free (lvm.dir);
   fleece_target_free (t);
   fleece_plan_free (p);
@@ -841,7 +821,7 @@ START_TEST (test_no_backup_fleecing)
   struct fleece_handle *h;
   struct fleece_plan *p;
   struct fleece_target *t = vma_target (vm);
-  guint8 **pit = snapshot_sources (vm);
+  guint8 **pit = tl_vm_snapshot (vm->tl);
   g_autoptr (json_object) args = NULL;
 
   /* Auto: the stock engine, with qemu-server's warning. */
@@ -879,7 +859,7 @@ START_TEST (test_no_backup_fleecing)
   assert_backup_equals (vm, pit);
   assert_nothing_left (vm);
 
-  free_snapshot (pit);
+  tl_vm_snapshot_free (vm->tl, pit);
   fleece_target_free (t);
   fleece_plan_free (p);
   fleece_free (h);
@@ -1190,7 +1170,7 @@ START_TEST (test_backup_access)
   struct fleece_handle *h = vm_handle (vm);
   struct fleece_plan *p;
   struct fleece_target *t;
-  guint8 **pit = snapshot_sources (vm);
+  guint8 **pit = tl_vm_snapshot (vm->tl);
   g_auto (GStrv) cmds = NULL;
   g_autofree char *scsi0_root = NULL;
   g_autofree char *scsi1_root = NULL;
@@ -1274,7 +1254,7 @@ START_TEST (test_backup_access)
                                       "\"success\":false}"), 0);
   assert_nothing_left (vm);
 
-  free_snapshot (pit);
+  tl_vm_snapshot_free (vm->tl, pit);
   fleece_target_free (t);
   fleece_plan_free (p);
   fleece_free (h);

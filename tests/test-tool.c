@@ -182,26 +182,6 @@ vm_start (void)
   return vm;
 }
 
-static guint8 **
-snapshot_sources (TlVm *vm)
-{
-  guint8 **data = g_new0 (guint8 *, NDISKS);
-  for (size_t i = 0; i < NDISKS; i++) {
-    uint64_t size = 0;
-    data[i] = tl_read_image (vm->paths[i], disks[i].format, &size);
-    ck_assert_uint_eq (size, disks[i].size);
-  }
-  return data;
-}
-
-static void
-free_snapshot (guint8 **data)
-{
-  for (size_t i = 0; i < NDISKS; i++)
-    g_free (data[i]);
-  g_free (data);
-}
-
 /* Overwrite the last 1 MiB of every disk through the guest device, ahead of
  * the backup, which starts at 0. */
 static void
@@ -434,7 +414,7 @@ check_result_drives (json_object *result, const char *format, TlVm *vm)
 START_TEST (test_backup_dir_json)
 {
   TlVm *vm = vm_start ();
-  guint8 **pit = snapshot_sources (vm);
+  guint8 **pit = tl_vm_snapshot (vm);
   const char *const args[] = {
     "backup", "--qmp", vm->q->qmp_path, "--vmid", VMID,
     "--fleecing-storage", vm->storage, "--target-dir", vm->target,
@@ -477,7 +457,7 @@ START_TEST (test_backup_dir_json)
 
   g_ptr_array_unref (events);
   run_free (r);
-  free_snapshot (pit);
+  tl_vm_snapshot_free (vm, pit);
   tl_vm_stop (vm);
 }
 END_TEST
@@ -486,7 +466,7 @@ END_TEST
 START_TEST (test_backup_nbd)
 {
   TlVm *vm = vm_start ();
-  guint8 **pit = snapshot_sources (vm);
+  guint8 **pit = tl_vm_snapshot (vm);
   g_autofree char *sock = g_build_filename (vm->dir, "nbd.sock", NULL);
   g_autofree char *uri = g_strdup_printf ("nbd+unix:///?socket=%s", sock);
   g_autoptr (GPtrArray) qsd = g_ptr_array_new_with_free_func (g_free);
@@ -550,7 +530,7 @@ START_TEST (test_backup_nbd)
     g_autofree char *path = g_build_filename (vm->target, name, NULL);
     assert_equals_pit (path, "raw", pit[i], disks[i].size);
   }
-  free_snapshot (pit);
+  tl_vm_snapshot_free (vm, pit);
   tl_vm_stop (vm);
 }
 END_TEST
@@ -561,7 +541,7 @@ END_TEST
 START_TEST (test_backup_vma_pve)
 {
   TlVm *vm = vm_start ();
-  guint8 **pit = snapshot_sources (vm);
+  guint8 **pit = tl_vm_snapshot (vm);
   const char *bin = g_getenv ("FLEECE_PVE_DOUBLE");
   g_autofree char *dsock = g_build_filename (vm->dir, "pve.sock", NULL);
   g_autofree char *listen = g_strdup_printf ("--listen=%s", dsock);
@@ -605,7 +585,7 @@ START_TEST (test_backup_vma_pve)
     g_autofree char *path = g_build_filename (vm->target, name, NULL);
     assert_equals_pit (path, "raw", pit[i], disks[i].size);
   }
-  free_snapshot (pit);
+  tl_vm_snapshot_free (vm, pit);
   tl_vm_stop (vm);
 }
 END_TEST
@@ -717,7 +697,7 @@ END_TEST
 START_TEST (test_no_fleecing)
 {
   TlVm *vm = vm_start ();
-  guint8 **pit = snapshot_sources (vm);
+  guint8 **pit = tl_vm_snapshot (vm);
   const char *const args[] = {
     "backup", "--qmp", vm->q->qmp_path, "--vmid", VMID,
     "--fleecing-storage", vm->storage, "--target-dir", vm->target,
@@ -746,7 +726,7 @@ START_TEST (test_no_fleecing)
   }
   assert_nothing_left (vm);
   g_ptr_array_unref (events);
-  free_snapshot (pit);
+  tl_vm_snapshot_free (vm, pit);
   tl_vm_stop (vm);
 }
 END_TEST

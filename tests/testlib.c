@@ -496,6 +496,27 @@ tl_vm_start (TlVm *vm, const char *const *extra_args)
   vm->nodes_before = tl_node_names (vm->q);
 }
 
+guint8 **
+tl_vm_snapshot (TlVm *vm)
+{
+  guint8 **data = g_new0 (guint8 *, vm->ndisks);
+
+  for (size_t i = 0; i < vm->ndisks; i++) {
+    uint64_t size = 0;
+    data[i] = tl_read_image (vm->paths[i], vm->disks[i].format, &size);
+    ck_assert_uint_eq (size, vm->disks[i].size);
+  }
+  return data;
+}
+
+void
+tl_vm_snapshot_free (TlVm *vm, guint8 **data)
+{
+  for (size_t i = 0; i < vm->ndisks; i++)
+    g_free (data[i]);
+  g_free (data);
+}
+
 void
 tl_vm_stop (TlVm *vm)
 {

@@ -78,6 +78,11 @@ TlVm *tl_vm_new (const char *tag, const TlDisk *disks, size_t ndisks,
 void tl_vm_start (TlVm *vm, const char *const *extra_args);
 /* Stop its QEMU (if started), remove its dir and free it. */
 void tl_vm_stop (TlVm *vm);
+/* The guest-visible content of every disk now (the point in time), in the
+ * order of the disk table, each checked to be its exact size; free it with
+ * tl_vm_snapshot_free. */
+guint8 **tl_vm_snapshot (TlVm *vm);
+void tl_vm_snapshot_free (TlVm *vm, guint8 **data);
 /* What HMP qemu-io -d takes for the disk's device: virtio-blk's
  * BlockBackend hangs off the proxy's virtio-backend child.  Static buffer. */
 const char *tl_disk_qdev (const TlDisk *d);
