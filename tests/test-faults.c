@@ -1263,34 +1263,10 @@ START_TEST (test_target_gone)
   Vm *vm = vm_start ();
   struct fleece_handle *h = vm_handle (vm, vm->tl->q->qmp_path);
   struct fleece_plan *p = fleece_plan (h);
-  g_autofree char *sock = g_build_filename (vm->tl->dir, "nbd.sock", NULL);
-  g_autofree char *uri = g_strdup_printf ("nbd+unix:///?socket=%s", sock);
-  g_autoptr (GPtrArray) argv = g_ptr_array_new_with_free_func (g_free);
+  g_autofree char *uri = NULL;
+  GPid qsd = tl_vm_nbd_target (vm->tl, &uri);
   struct fleece_target *t;
-  GPid qsd;
   int r;
-
-  g_ptr_array_add (argv, g_strdup ("qemu-storage-daemon"));
-  g_ptr_array_add (argv, g_strdup ("--nbd-server"));
-  g_ptr_array_add (argv, g_strdup_printf ("addr.type=unix,addr.path=%s", sock));
-  for (size_t i = 0; i < NDISKS; i++) {
-    g_autofree char *file = g_strdup_printf ("%s/%s.raw", vm->tl->target, disks[i].key);
-    int fd = open (file, O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
-
-    ck_assert (fd >= 0 && ftruncate (fd, (off_t) disks[i].size) == 0);
-    close (fd);
-    g_ptr_array_add (argv, g_strdup ("--blockdev"));
-    g_ptr_array_add (argv, g_strdup_printf ("driver=file,filename=%s,node-name=n%zu", file, i));
-    g_ptr_array_add (argv, g_strdup ("--export"));
-    g_ptr_array_add (argv, g_strdup_printf ("type=nbd,id=e%zu,node-name=n%zu,name=%s,writable=on",
-                                            i, i, disks[i].key));
-  }
-  g_ptr_array_add (argv, NULL);
-  ck_assert (g_spawn_async (NULL, (char **) argv->pdata, NULL,
-                            G_SPAWN_SEARCH_PATH | G_SPAWN_DO_NOT_REAP_CHILD, qsd_setup, NULL,
-                            &qsd, NULL));
-  for (int i = 0; i < 500 && !g_file_test (sock, G_FILE_TEST_EXISTS); i++)
-    g_usleep (10000);
 
   t = fleece_target_new_nbd (uri);
   ck_assert_int_eq (fleece_set_bwlimit (h, BWLIMIT_SLOW), 0);

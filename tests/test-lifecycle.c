@@ -611,37 +611,11 @@ START_TEST (test_nbd_target)
   Vm *vm = vm_start ();
   struct fleece_handle *h = vm_handle (vm);
   struct fleece_plan *p = plan_checked (h);
-  g_autofree char *keep = g_path_get_dirname (vm->tl->paths[0]);
-  g_autofree char *sock = g_build_filename (keep, "nbd.sock", NULL);
-  g_autofree char *uri = g_strdup_printf ("nbd+unix:///?socket=%s", sock);
-  g_autoptr (GPtrArray) argv = g_ptr_array_new_with_free_func (g_free);
+  g_autofree char *uri = NULL;
+  GPid qsd = tl_vm_nbd_target (vm->tl, &uri);
   struct fleece_target *t;
   guint8 **pit = tl_vm_snapshot (vm->tl);
-  GPid qsd;
   int r, status;
-
-  g_ptr_array_add (argv, g_strdup ("qemu-storage-daemon"));
-  g_ptr_array_add (argv, g_strdup ("--nbd-server"));
-  g_ptr_array_add (argv, g_strdup_printf ("addr.type=unix,addr.path=%s", sock));
-  for (size_t i = 0; i < NDISKS; i++) {
-    g_autofree char *file = g_strdup_printf ("%s/%s.raw", vm->tl->target, disks[i].key);
-    g_autoptr (GError) err = NULL;
-    g_autofree char *sz = g_strdup_printf ("%" G_GUINT64_FORMAT, disks[i].size);
-    const char *mk[] = { "qemu-img", "create", "-q", "-f", "raw", file, sz, NULL };
-    ck_assert (g_spawn_sync (NULL, (char **) mk, NULL, G_SPAWN_SEARCH_PATH, NULL, NULL,
-                             NULL, NULL, &status, &err));
-    g_ptr_array_add (argv, g_strdup ("--blockdev"));
-    g_ptr_array_add (argv, g_strdup_printf ("driver=file,filename=%s,node-name=n%zu", file, i));
-    g_ptr_array_add (argv, g_strdup ("--export"));
-    g_ptr_array_add (argv, g_strdup_printf ("type=nbd,id=e%zu,node-name=n%zu,name=%s,writable=on",
-                                            i, i, disks[i].key));
-  }
-  g_ptr_array_add (argv, NULL);
-  ck_assert (g_spawn_async (NULL, (char **) argv->pdata, NULL,
-                            G_SPAWN_SEARCH_PATH | G_SPAWN_DO_NOT_REAP_CHILD, NULL, NULL,
-                            &qsd, NULL));
-  for (int i = 0; i < 200 && !g_file_test (sock, G_FILE_TEST_EXISTS); i++)
-    g_usleep (20000);
 
   t = fleece_target_new_nbd (uri);
   ck_assert_ptr_nonnull (t);

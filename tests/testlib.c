@@ -496,6 +496,45 @@ tl_vm_start (TlVm *vm, const char *const *extra_args)
   vm->nodes_before = tl_node_names (vm->q);
 }
 
+static void
+die_with_parent (gpointer data)
+{
+  prctl (PR_SET_PDEATHSIG, SIGTERM);
+}
+
+GPid
+tl_vm_nbd_target (TlVm *vm, char **uri)
+{
+  g_autofree char *sock = g_build_filename (vm->dir, "nbd.sock", NULL);
+  g_autoptr (GPtrArray) argv = g_ptr_array_new_with_free_func (g_free);
+  GPid qsd;
+
+  g_ptr_array_add (argv, g_strdup ("qemu-storage-daemon"));
+  g_ptr_array_add (argv, g_strdup ("--nbd-server"));
+  g_ptr_array_add (argv, g_strdup_printf ("addr.type=unix,addr.path=%s", sock));
+  for (size_t i = 0; i < vm->ndisks; i++) {
+    g_autofree char *file = g_strdup_printf ("%s/%s.raw", vm->target, vm->disks[i].key);
+    int fd = open (file, O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
+
+    ck_assert (fd >= 0 && ftruncate (fd, (off_t) vm->disks[i].size) == 0);
+    close (fd);
+    g_ptr_array_add (argv, g_strdup ("--blockdev"));
+    g_ptr_array_add (argv, g_strdup_printf ("driver=file,filename=%s,node-name=n%zu", file, i));
+    g_ptr_array_add (argv, g_strdup ("--export"));
+    g_ptr_array_add (argv, g_strdup_printf ("type=nbd,id=e%zu,node-name=n%zu,name=%s,writable=on",
+                                            i, i, vm->disks[i].key));
+  }
+  g_ptr_array_add (argv, NULL);
+  ck_assert (g_spawn_async (NULL, (char **) argv->pdata, NULL,
+                            G_SPAWN_SEARCH_PATH | G_SPAWN_DO_NOT_REAP_CHILD, die_with_parent,
+                            NULL, &qsd, NULL));
+  for (int i = 0; i < 500 && !g_file_test (sock, G_FILE_TEST_EXISTS); i++)
+    g_usleep (10000);
+  ck_assert_msg (g_file_test (sock, G_FILE_TEST_EXISTS), "qemu-storage-daemon made no %s", sock);
+  *uri = g_strdup_printf ("nbd+unix:///?socket=%s", sock);
+  return qsd;
+}
+
 guint8 **
 tl_vm_snapshot (TlVm *vm)
 {

@@ -83,6 +83,11 @@ void tl_vm_stop (TlVm *vm);
  * tl_vm_snapshot_free. */
 guint8 **tl_vm_snapshot (TlVm *vm);
 void tl_vm_snapshot_free (TlVm *vm, guint8 **data);
+/* A backup target for the VM: qemu-storage-daemon exporting over NBD, at
+ * <dir>/nbd.sock, one raw file <target>/<key>.raw of the exact size per
+ * disk, named after the key; it dies with the test.  Returns its pid (kill
+ * and reap it) and sets *uri (g_free) for fleece_target_new_nbd(). */
+GPid tl_vm_nbd_target (TlVm *vm, char **uri);
 /* What HMP qemu-io -d takes for the disk's device: virtio-blk's
  * BlockBackend hangs off the proxy's virtio-backend child.  Static buffer. */
 const char *tl_disk_qdev (const TlDisk *d);
