@@ -1,6 +1,7 @@
 #!/bin/sh
 # Installs everything libfleece needs to build, test and run its demo on Debian 12 (as root):
 # the toolchain and libraries from bookworm, QEMU >= 10 from bookworm-backports.
+# The backports source uses the Debian mirror this machine's apt sources already name.
 set -eu
 
 if [ "$(id -u)" != 0 ]; then
@@ -8,11 +9,29 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
+# The URI of the archive that serves suite $1, from /etc/apt/sources.list*
+# (one-line "deb URI SUITE ..." and deb822 "URIs:/Suites:" stanzas).
+debian_mirror () {
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+        [ -f "$f" ] && cat "$f"; echo
+    done | awk -v suite="$1" '
+        /^deb /    { for (i = 2; i <= NF; i++) if ($i ~ /:\/\//) { if ($(i+1) == suite) { print $i; exit } break } }
+        /^URIs:/   { u = $2 }
+        /^Suites:/ { for (i = 2; i <= NF; i++) if ($i == suite && u != "") { print u; exit } }
+        /^$/       { u = "" }'
+}
+
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
-if [ "$codename" = bookworm ] && ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    cat > /etc/apt/sources.list.d/bookworm-backports.sources <<'SRC'
+if [ "$codename" = bookworm ] && ! grep -rqsE '^(Suites:.*bookworm-backports|deb .*bookworm-backports)' \
+        /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    mirror=$(debian_mirror bookworm)
+    if [ -z "$mirror" ]; then
+        echo "install-deps.sh: no bookworm source in /etc/apt/sources.list*; add one, or add bookworm-backports yourself" >&2
+        exit 1
+    fi
+    cat > /etc/apt/sources.list.d/bookworm-backports.sources <<SRC
 Types: deb
-URIs: http://deb.debian.org/debian
+URIs: $mirror
 Suites: bookworm-backports
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
