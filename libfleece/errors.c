@@ -75,6 +75,8 @@ fleece_error_errno (const GError *err)
     case FLEECE_QMP_ERROR_TOO_LARGE: return EMSGSIZE;
     case FLEECE_QMP_ERROR_COMMAND:   return EIO;
     case FLEECE_QMP_ERROR_NO_PEER:   return ECONNREFUSED;
+    case FLEECE_QMP_ERROR_BUSY:      return EBUSY;
+    case FLEECE_QMP_ERROR_CANCELLED: return ECANCELED;
     }
   }
   return EIO;
@@ -88,6 +90,25 @@ fleece_error_set_gerror (const char *func, const GError *err)
     return;
   }
   fleece_error_set (func, fleece_error_errno (err), "%s", err->message);
+}
+
+void
+fleece_error_from_callback (GError **err, int saved_errno, char *reason,
+                            const char *fmt, ...)
+{
+  va_list ap;
+  g_autofree char *what = NULL;
+  int e = saved_errno ? saved_errno : EIO;
+
+  va_start (ap, fmt);
+  what = g_strdup_vprintf (fmt, ap);
+  va_end (ap);
+  if (reason && *reason)
+    g_set_error (err, FLEECE_ERROR, e, "%s: %s", what, reason);
+  else
+    g_set_error (err, FLEECE_ERROR, e, "%s: %s", what,
+                 saved_errno ? g_strerror (saved_errno) : "no reason given");
+  free (reason);
 }
 
 FLEECE_API const char *

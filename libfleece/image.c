@@ -1,12 +1,12 @@
-/* Image files: fleecing images in the directory storage and backup targets
- * in a directory.
+/* qcow2 metadata written by qemu-img.
  *
- * Every image starts as a file created here, never over an existing one:
- * raw ones sparse and of the exact size, qcow2 ones empty.  The qcow2
- * metadata is then written either by QEMU (the stock engine: blockdev-create
- * jobs for all images at once, engine-qemu.c) or by qemu-img (the Proxmox
- * engine, which attaches images by drive_add, as qemu-server's vdisk_alloc
- * does). */
+ * Image files start as files created by safefs.c, never over an existing
+ * one: raw ones sparse and of the exact size, qcow2 ones empty.  The qcow2
+ * metadata is then written by QEMU (blockdev-create jobs for all images at
+ * once, engine-common.c) or, where QEMU cannot (the Proxmox engine's HMP
+ * attach, which opens images by file name, as qemu-server's vdisk_alloc
+ * does), by qemu-img here.  qemu-img create truncates the file in place:
+ * its inode, which proves it ours, stays the same. */
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -17,51 +17,6 @@
 #include "internal.h"
 
 #define QEMU_IMG_DEFAULT "qemu-img"
-
-bool
-fleece_image_create_file (const char *path, uint64_t size, GError **err)
-{
-  int fd;
-
-  if (size > (uint64_t) INT64_MAX) {
-    g_set_error (err, FLEECE_ERROR, EFBIG,
-                 "cannot create %s: %" PRIu64 " bytes is too large", path, size);
-    return false;
-  }
-  /* O_EXCL: an existing file may be a leftover still attached to a VM, an
-   * earlier backup, or someone else's data.  0600: it receives guest data. */
-  fd = open (path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (fd < 0) {
-    int e = errno;
-    if (e == EEXIST)
-      g_set_error (err, FLEECE_ERROR, EEXIST,
-                   "%s already exists; not overwriting it (if it is a "
-                   "leftover of an earlier run, run fleece_cleanup() for "
-                   "that VM, or remove it after checking nothing uses it)",
-                   path);
-    else
-      g_set_error (err, FLEECE_ERROR, e, "cannot create %s: %s", path,
-                   g_strerror (e));
-    return false;
-  }
-  if (size && ftruncate (fd, (off_t) size) != 0) {
-    int e = errno;
-    g_set_error (err, FLEECE_ERROR, e,
-                 "cannot set the size of %s to %" PRIu64 " bytes: %s", path,
-                 size, g_strerror (e));
-    close (fd);
-    unlink (path);
-    return false;
-  }
-  if (close (fd) != 0) {
-    int e = errno;
-    g_set_error (err, FLEECE_ERROR, e, "cannot create %s: %s", path,
-                 g_strerror (e));
-    unlink (path);
-    return false;
-  }
-  return true;
-}
 
 /* About 7 ms per image here, nearly all of it starting the process. */
 bool

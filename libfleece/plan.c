@@ -1,15 +1,16 @@
-/* fleece_plan(): read the VM's drives from QEMU and decide, per drive,
- * whether it is fleeced and how the image is named, sized and formatted.
- * Changes nothing in QEMU or in storage. */
+/* fleece_plan(): the VM's drives (drives.c), restricted to the caller's,
+ * and per drive whether it is fleeced and how its image is named, sized
+ * and formatted; then the engine says whether QEMU can do it.  Changes
+ * nothing in QEMU or in storage. */
 #include <errno.h>
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
-#include "engine.h"
+#include "handle.h"
 
-/* QEMU's node names are at most 31 characters; the longest we derive from a
- * key is "<key>-fleecing-file" / "<key>-fleece-tf" (15 more). */
+/* QEMU's node names are at most 31 characters; the longest we derive from
+ * a key is "<key>-fleecing-file" / "drive-<key>-fleecing" (15 more). */
 #define FLEECE_MAX_KEY_LEN 16
 #define QCOW2_DEFAULT_CLUSTER (64 * 1024)
 
@@ -30,73 +31,23 @@ fleece_drive_free (FleeceDrive *d)
   g_free (d);
 }
 
-static int
-drive_cmp (gconstpointer a, gconstpointer b)
+static void
+skipped_free (FleeceSkipped *s)
 {
-  const FleeceDrive *x = *(FleeceDrive *const *) a;
-  const FleeceDrive *y = *(FleeceDrive *const *) b;
-  return strcmp (x->key, y->key);
-}
-
-static bool
-has_prefix_and_digit (const char *key, const char *prefix)
-{
-  size_t n = strlen (prefix);
-  return strncmp (key, prefix, n) == 0 && g_ascii_isdigit (key[n]);
-}
-
-/* EFI vars and TPM state are tiny: Proxmox never fleeces them. */
-bool
-fleece_key_is_small_state (const char *key)
-{
-  return has_prefix_and_digit (key, "efidisk") ||
-         has_prefix_and_digit (key, "tpmstate");
-}
-
-/* The QOM path of the device whose "drive" property we re-point.  query-block
- * names it by id ("scsi0") or, for a BlockBackend attached to a child
- * (virtio-blk's "virtio-backend"), by the child's QOM path. */
-static char *
-qom_device_path (const char *qdev)
-{
-  if (!qdev || !*qdev)
-    return NULL;
-  if (qdev[0] != '/')
-    return g_strdup_printf ("/machine/peripheral/%s", qdev);
-  if (g_str_has_suffix (qdev, "/virtio-backend"))
-    return g_strndup (qdev, strlen (qdev) - strlen ("/virtio-backend"));
-  return g_strdup (qdev);
-}
-
-/* drive-scsi0 -> scsi0; a -blockdev drive with no BlockBackend name is
- * named after its device id. */
-static char *
-drive_key (const char *device, const char *qom_path)
-{
-  if (device && g_str_has_prefix (device, "drive-") && device[6])
-    return g_strdup (device + 6);
-  if (device && *device)
-    return g_strdup (device);
-  if (qom_path)
-    return g_path_get_basename (qom_path);
-  return NULL;
-}
-
-static bool
-key_wanted (struct fleece_handle *h, const char *key)
-{
-  if (!h->drives)
-    return true;
-  return g_strv_contains ((const char *const *) h->drives, key);
+  g_free (s->name);
+  g_free (s->reason);
+  g_free (s);
 }
 
 struct fleece_plan *
 fleece_plan_new (uint32_t vmid)
 {
   struct fleece_plan *p = g_new0 (struct fleece_plan, 1);
+
   p->vmid = vmid;
   p->refs = 1;
   p->drives = g_ptr_array_new_with_free_func ((GDestroyNotify) fleece_drive_free);
+  p->skipped = g_ptr_array_new_with_free_func ((GDestroyNotify) skipped_free);
   return p;
 }
 
@@ -113,181 +64,82 @@ fleece_plan_free (struct fleece_plan *p)
   if (!p || --p->refs > 0)
     return;
   g_ptr_array_unref (p->drives);
+  g_ptr_array_unref (p->skipped);
   g_free (p->engine);
   g_free (p);
 }
 
-/* qemu-server attaches a VM's TPM state to QEMU only for the backup (swtpm
- * owns it otherwise), with no guest device, as drive-tpmstate<N>-backup: a
- * BlockBackend before its blockdev switch, a node after.  The Proxmox
- * engine backs it up under that name; *key gets "tpmstate<N>". */
-static bool
-tpm_backup_name (const char *name, char **key)
+void
+fleece_plan_skip (struct fleece_plan *p, const char *name, const char *fmt, ...)
 {
-  const char *p;
+  FleeceSkipped *s = g_new0 (FleeceSkipped, 1);
+  va_list ap;
 
-  if (!name || !g_str_has_prefix (name, "drive-tpmstate") ||
-      !g_str_has_suffix (name, "-backup"))
-    return false;
-  p = name + strlen ("drive-tpmstate");
-  if (!g_ascii_isdigit (*p))
-    return false;
-  while (g_ascii_isdigit (*p))
-    p++;
-  if (strcmp (p, "-backup") != 0)
-    return false;
-  *key = g_strndup (name + strlen ("drive-"), (size_t) (p - name) - strlen ("drive-"));
-  return true;
+  va_start (ap, fmt);
+  s->reason = g_strdup_vprintf (fmt, ap);
+  va_end (ap);
+  s->name = g_strdup (name);
+  g_ptr_array_add (p->skipped, s);
 }
 
-static bool
-has_key (struct fleece_plan *p, const char *key)
+FleeceDrive *
+fleece_plan_drive_by_key (struct fleece_plan *p, const char *key)
 {
   for (guint i = 0; i < p->drives->len; i++)
-    if (strcmp (((FleeceDrive *) p->drives->pdata[i])->key, key) == 0)
-      return true;
-  return false;
+    if (g_strcmp0 (((FleeceDrive *) p->drives->pdata[i])->key, key) == 0)
+      return p->drives->pdata[i];
+  return NULL;
 }
 
-static void
-add_tpm_backup_drive (struct fleece_plan *p, const char *name, const char *node,
-                      json_object *image)
-{
-  g_autofree char *key = NULL;
-  json_object *v;
-  FleeceDrive *d;
-
-  if (!tpm_backup_name (name, &key) || has_key (p, key) || !node ||
-      !json_object_object_get_ex (image, "virtual-size", &v))
-    return;
-  d = g_new0 (FleeceDrive, 1);
-  d->key = g_steal_pointer (&key);
-  d->device = g_strdup (name);
-  d->root = g_strdup (node);
-  d->size = (uint64_t) json_object_get_int64 (v);
-  g_ptr_array_add (p->drives, d);
-}
-
-/* The blockdev-era TPM backup node (query-block lists only BlockBackends). */
 static bool
-read_tpm_backup_nodes (struct fleece_handle *h, struct fleece_plan *p, GError **err)
+has_prefix_and_digit (const char *key, const char *prefix)
 {
-  g_autoptr (json_object) nodes = NULL;
-  json_object *args = json_object_new_object ();
-
-  json_object_object_add (args, "flat", json_object_new_boolean (true));
-  nodes = fleece_qmp_execute (h->qmp, "query-named-block-nodes", args, err);
-  if (!nodes)
-    return false;
-  for (size_t i = 0; i < json_object_array_length (nodes); i++) {
-    json_object *n = json_object_array_get_idx (nodes, i), *name, *image;
-
-    if (json_object_object_get_ex (n, "node-name", &name) &&
-        json_object_object_get_ex (n, "image", &image))
-      add_tpm_backup_drive (p, json_object_get_string (name),
-                            json_object_get_string (name), image);
-  }
-  return true;
+  size_t n = strlen (prefix);
+  return strncmp (key, prefix, n) == 0 && g_ascii_isdigit (key[n]);
 }
 
-/* Fill in the drives of p from query-block. */
-static bool
-read_drives (struct fleece_handle *h, struct fleece_plan *p, GError **err)
+bool
+fleece_key_is_small_state (const char *key)
 {
-  bool pve = g_strcmp0 (p->engine, "pve") == 0;
-
-  g_autoptr (json_object) blocks = NULL;
-  size_t n;
-
-  blocks = fleece_qmp_execute (h->qmp, "query-block", NULL, err);
-  if (!blocks)
-    return false;
-  n = json_object_array_length (blocks);
-  for (size_t i = 0; i < n; i++) {
-    json_object *b = json_object_array_get_idx (blocks, i);
-    json_object *inserted = NULL, *image = NULL, *v = NULL;
-    const char *device = NULL, *qdev = NULL, *node = NULL;
-    g_autofree char *qom = NULL;
-    FleeceDrive *d;
-
-    if (json_object_object_get_ex (b, "device", &v))
-      device = json_object_get_string (v);
-    if (json_object_object_get_ex (b, "qdev", &v))
-      qdev = json_object_get_string (v);
-    qom = qom_device_path (qdev);
-    if (!json_object_object_get_ex (b, "inserted", &inserted))
-      continue;                 /* empty drive: nothing to back up */
-    if (!qom && pve && json_object_object_get_ex (inserted, "image", &image) &&
-        json_object_object_get_ex (inserted, "node-name", &v))
-      add_tpm_backup_drive (p, device, json_object_get_string (v), image);
-    if (!qom)
-      continue;                 /* not attached to a guest device */
-    if (json_object_object_get_ex (b, "removable", &v) &&
-        json_object_get_boolean (v))
-      continue;                 /* CD-ROM: Proxmox does not back them up */
-    if (json_object_object_get_ex (inserted, "ro", &v) &&
-        json_object_get_boolean (v))
-      continue;                 /* firmware code (OVMF pflash0), read-only media */
-    if (json_object_object_get_ex (inserted, "node-name", &v))
-      node = json_object_get_string (v);
-    if (!json_object_object_get_ex (inserted, "image", &image) ||
-        !json_object_object_get_ex (image, "virtual-size", &v) || !node) {
-      g_set_error (err, FLEECE_ERROR, EPROTO,
-                   "query-block gave no size or node for '%s'",
-                   device && *device ? device : qdev);
-      return false;
-    }
-
-    d = g_new0 (FleeceDrive, 1);
-    d->key = drive_key (device, qom);
-    d->device = g_strdup_printf ("drive-%s", d->key);
-    d->qdev = g_steal_pointer (&qom);
-    d->root = g_strdup (node);
-    d->size = (uint64_t) json_object_get_int64 (v);
-    g_ptr_array_add (p->drives, d);
-  }
-  if (pve && !read_tpm_backup_nodes (h, p, err))
-    return false;
-  g_ptr_array_sort (p->drives, drive_cmp);
-  return true;
+  return has_prefix_and_digit (key, "efidisk") || has_prefix_and_digit (key, "tpmstate");
 }
 
-/* Restrict to the caller's drives; every named drive must exist. */
+/* ---- deciding -------------------------------------------------------- */
+
+/* Restrict to the caller's drives (every one named must exist); the
+ * others are skipped as not asked for. */
 static bool
-restrict_drives (struct fleece_handle *h, struct fleece_plan *p, GError **err)
+restrict_drives (const FleeceSettings *set, struct fleece_plan *p, GError **err)
 {
-  if (!h->drives)
+  if (!set->drives)
     return true;
-  for (char **k = h->drives; *k; k++) {
-    bool found = false;
-    for (guint i = 0; i < p->drives->len && !found; i++)
-      found = strcmp (((FleeceDrive *) p->drives->pdata[i])->key, *k) == 0;
-    if (!found) {
+  for (char **k = set->drives; *k; k++) {
+    if (!fleece_plan_drive_by_key (p, *k)) {
       g_autoptr (GString) have = g_string_new (NULL);
       for (guint i = 0; i < p->drives->len; i++)
         g_string_append_printf (have, "%s%s", i ? ", " : "",
                                 ((FleeceDrive *) p->drives->pdata[i])->key);
-      g_set_error (err, FLEECE_ERROR, ENOENT,
-                   "drive '%s' not found; the VM has: %s", *k,
-                   have->len ? have->str : "no drives");
+      g_set_error (err, FLEECE_ERROR, ENOENT, "drive '%s' not found; the VM "
+                   "has: %s", *k, have->len ? have->str : "no drives");
       return false;
     }
   }
-  for (guint i = p->drives->len; i-- > 0;)
-    if (!key_wanted (h, ((FleeceDrive *) p->drives->pdata[i])->key))
+  for (guint i = p->drives->len; i-- > 0;) {
+    FleeceDrive *d = p->drives->pdata[i];
+    if (!g_strv_contains ((const char *const *) set->drives, d->key)) {
+      fleece_plan_skip (p, d->key, "not among the drives asked for");
       g_ptr_array_remove_index (p->drives, i);
+    }
+  }
   return true;
 }
 
+/* Only drives that are backed up get node names derived from their key. */
 static bool
-decide (struct fleece_handle *h, struct fleece_plan *p, GError **err)
+check_keys (struct fleece_plan *p, GError **err)
 {
-  unsigned flags = h->storage ? fleece_storage_flags (h->storage) : 0;
-  unsigned n = 0;
-
   for (guint i = 0; i < p->drives->len; i++) {
     FleeceDrive *d = p->drives->pdata[i];
-    const char *fmt;
 
     if (strlen (d->key) > FLEECE_MAX_KEY_LEN) {
       g_set_error (err, FLEECE_ERROR, ENAMETOOLONG,
@@ -297,48 +149,76 @@ decide (struct fleece_handle *h, struct fleece_plan *p, GError **err)
                    d->key, FLEECE_MAX_KEY_LEN);
       return false;
     }
-    if (p->no_fleecing) {
-      d->reason = g_strdup ("fleecing disabled");
-      continue;
-    }
-    if (fleece_key_is_small_state (d->key) &&
-        !(h->plan_flags & FLEECE_PLAN_ALL_DRIVES)) {
-      d->reason = g_strdup ("EFI disk or TPM state: too small to be worth "
-                            "fleecing");
-      continue;
-    }
-    if (d->size == 0) {
-      d->reason = g_strdup ("empty drive");
-      continue;
-    }
-    if (!h->storage) {
-      g_set_error (err, FLEECE_ERROR, EINVAL,
-                   "no fleecing storage: call fleece_set_storage() or plan "
-                   "with FLEECE_PLAN_NO_FLEECING");
-      return false;
-    }
+  }
+  return true;
+}
 
-    if (h->image_format)
-      fmt = h->image_format;
-    else if ((flags & FLEECE_STORAGE_QCOW2) && d->size % 512 == 0)
-      fmt = "qcow2";
-    else
-      fmt = "raw";
-    if (strcmp (fmt, "qcow2") == 0 && !(flags & FLEECE_STORAGE_QCOW2)) {
-      g_set_error (err, FLEECE_ERROR, ENOTSUP,
-                   "the fleecing storage cannot hold qcow2 images; use raw");
-      return false;
-    }
-    if (strcmp (fmt, "qcow2") == 0 && d->size % 512) {
-      g_set_error (err, FLEECE_ERROR, EINVAL,
-                   "drive %s has %" G_GUINT64_FORMAT " bytes, not a multiple "
-                   "of 512: its fleecing image must be raw", d->key, d->size);
-      return false;
-    }
+/* Why d is not fleeced, or NULL. */
+static const char *
+unfleeced_reason (const FleeceSettings *set, const struct fleece_plan *p,
+                  const FleeceDrive *d)
+{
+  if (p->no_fleecing)
+    return "fleecing disabled";
+  /* The stock engine puts its filter in front of a guest device; the
+   * patched QEMU fleeces a drive by its name (backup access needs every
+   * drive fleeced, qemu-server's TPM backup drive included). */
+  if (!fleece_drive_has_device (d) && strcmp (p->engine, "qemu") == 0)
+    return "no guest device writes it: backed up directly";
+  if (fleece_key_is_small_state (d->key) && !(set->plan_flags & FLEECE_PLAN_ALL_DRIVES))
+    return "EFI disk or TPM state: too small to be worth fleecing";
+  if (d->size == 0)
+    return "empty drive";
+  return NULL;
+}
 
+static const char *
+choose_format (const FleeceSettings *set, unsigned flags, const FleeceDrive *d,
+               GError **err)
+{
+  const char *fmt = set->image_format ? set->image_format
+    : (flags & FLEECE_STORAGE_QCOW2) && d->size % 512 == 0 ? "qcow2" : "raw";
+
+  if (strcmp (fmt, "qcow2") == 0 && !(flags & FLEECE_STORAGE_QCOW2)) {
+    g_set_error (err, FLEECE_ERROR, ENOTSUP,
+                 "the fleecing storage cannot hold qcow2 images; use raw");
+    return NULL;
+  }
+  if (strcmp (fmt, "qcow2") == 0 && d->size % 512) {
+    g_set_error (err, FLEECE_ERROR, EINVAL,
+                 "drive %s has %" G_GUINT64_FORMAT " bytes, not a multiple "
+                 "of 512: its fleecing image must be raw", d->key, d->size);
+    return NULL;
+  }
+  return fmt;
+}
+
+static bool
+decide (FleeceCtx *ctx, struct fleece_plan *p, GError **err)
+{
+  unsigned flags = fleece_storage_flags (ctx->storage);
+  unsigned n = 0;
+
+  for (guint i = 0; i < p->drives->len; i++) {
+    FleeceDrive *d = p->drives->pdata[i];
+    const char *why = unfleeced_reason (ctx->set, p, d), *fmt;
+
+    if (why) {
+      d->reason = g_strdup (why);
+      continue;
+    }
+    if (!ctx->storage) {
+      g_set_error (err, FLEECE_ERROR, EINVAL, "no fleecing storage: call "
+                   "fleece_set_storage() or plan with FLEECE_PLAN_NO_FLEECING");
+      return false;
+    }
+    if (!(fmt = choose_format (ctx->set, flags, d, err)))
+      return false;
     d->fleeced = true;
     d->format = g_strdup (fmt);
     d->cluster_size = strcmp (fmt, "qcow2") == 0 ? QCOW2_DEFAULT_CLUSTER : 0;
+    /* Counting only images actually allocated, in key order, with the
+     * format as suffix on path storages: as qemu-server names them. */
     if (flags & FLEECE_STORAGE_PATH)
       d->image = g_strdup_printf ("vm-%u-fleece-%u.%s", p->vmid, n, fmt);
     else
@@ -354,146 +234,187 @@ fleece_plan (struct fleece_handle *h)
   g_autoptr (GError) err = NULL;
   struct fleece_plan *p;
   const FleeceEngineOps *ops;
+  bool ok;
 
-  if (!h->qmp) {
-    fleece_error_set (__func__, ENOTCONN,
-                      "not connected: call fleece_connect() first");
+  if (!fleece_call_check (h, CALL_PLAN, __func__))
     return NULL;
-  }
-  if (!h->vmid) {
-    fleece_error_set (__func__, EINVAL,
-                      "no vmid: call fleece_set_vmid() first");
-    return NULL;
-  }
-  ops = fleece_engine_ops (h);
-  p = fleece_plan_new (h->vmid);
+  ops = fleece_handle_ops (h);
+  p = fleece_plan_new (h->set.vmid);
   p->engine = g_strdup (ops->name);
-  p->no_fleecing = (h->plan_flags & FLEECE_PLAN_NO_FLEECING) != 0;
-  if (!read_drives (h, p, &err) || !restrict_drives (h, p, &err) ||
-      !decide (h, p, &err) || !ops->check_plan (h, p, &err)) {
+  p->no_fleecing = (h->set.plan_flags & FLEECE_PLAN_NO_FLEECING) != 0;
+  ok = fleece_drives_read (h->conn, p, &err) && restrict_drives (&h->set, p, &err) &&
+       check_keys (p, &err) && decide (&h->ctx, p, &err) &&
+       ops->check_plan (&h->ctx, p, &err);
+  fleece_handle_release (h);
+  if (ok && p->drives->len == 0)
+    g_set_error (&err, FLEECE_ERROR, ENOENT, "the VM has no drives to back up");
+  if (err) {
     fleece_plan_free (p);
     fleece_error_set_gerror (__func__, err);
-    return NULL;
-  }
-  if (p->drives->len == 0) {
-    fleece_plan_free (p);
-    fleece_error_set (__func__, ENOENT,
-                      "the VM has no drives to back up");
     return NULL;
   }
   return p;
 }
 
+/* ---- inspecting ------------------------------------------------------- */
+
 static FleeceDrive *
-plan_drive (struct fleece_plan *p, size_t i, const char *func)
+plan_drive (struct fleece_plan *p, int i, const char *func)
 {
-  if (!p || i >= p->drives->len) {
-    fleece_error_set (func, EINVAL, "no drive %zu in the plan (it has %u)",
-                      i, p ? p->drives->len : 0);
+  if (!p || i < 0 || (guint) i >= p->drives->len) {
+    fleece_error_set (func, EINVAL, "no drive %d in the plan (it has %d)",
+                      i, p ? (int) p->drives->len : 0);
     return NULL;
   }
   return p->drives->pdata[i];
 }
 
-FLEECE_API size_t
+FLEECE_API int
 fleece_plan_get_drive_count (struct fleece_plan *p)
 {
-  return p ? p->drives->len : 0;
+  if (!p) {
+    fleece_error_set (__func__, EINVAL, "plan is NULL");
+    return -1;
+  }
+  return (int) p->drives->len;
 }
 
 FLEECE_API const char *
-fleece_plan_get_key (struct fleece_plan *p, size_t i)
+fleece_plan_get_key (struct fleece_plan *p, int i)
 {
   FleeceDrive *d = plan_drive (p, i, __func__);
   return d ? d->key : NULL;
 }
 
 FLEECE_API const char *
-fleece_plan_get_device (struct fleece_plan *p, size_t i)
+fleece_plan_get_device (struct fleece_plan *p, int i)
 {
   FleeceDrive *d = plan_drive (p, i, __func__);
   return d ? d->device : NULL;
 }
 
-FLEECE_API uint64_t
-fleece_plan_get_size (struct fleece_plan *p, size_t i)
+FLEECE_API int64_t
+fleece_plan_get_size (struct fleece_plan *p, int i)
 {
   FleeceDrive *d = plan_drive (p, i, __func__);
-  return d ? d->size : 0;
+  return d ? (int64_t) d->size : -1;
 }
 
 FLEECE_API int
-fleece_plan_get_fleeced (struct fleece_plan *p, size_t i)
+fleece_plan_get_fleeced (struct fleece_plan *p, int i)
 {
   FleeceDrive *d = plan_drive (p, i, __func__);
   return d ? d->fleeced : -1;
 }
 
 FLEECE_API const char *
-fleece_plan_get_reason (struct fleece_plan *p, size_t i)
+fleece_plan_get_reason (struct fleece_plan *p, int i)
 {
   FleeceDrive *d = plan_drive (p, i, __func__);
   return d ? d->reason : NULL;
 }
 
 FLEECE_API const char *
-fleece_plan_get_image (struct fleece_plan *p, size_t i)
+fleece_plan_get_image (struct fleece_plan *p, int i)
 {
   FleeceDrive *d = plan_drive (p, i, __func__);
   return d ? d->image : NULL;
 }
 
 FLEECE_API const char *
-fleece_plan_get_format (struct fleece_plan *p, size_t i)
+fleece_plan_get_format (struct fleece_plan *p, int i)
 {
   FleeceDrive *d = plan_drive (p, i, __func__);
   return d ? d->format : NULL;
 }
 
-FLEECE_API uint64_t
-fleece_plan_get_cluster_size (struct fleece_plan *p, size_t i)
+FLEECE_API int64_t
+fleece_plan_get_cluster_size (struct fleece_plan *p, int i)
 {
   FleeceDrive *d = plan_drive (p, i, __func__);
-  return d ? d->cluster_size : 0;
+  return d ? (int64_t) d->cluster_size : -1;
 }
 
-static void
-add_str (json_object *o, const char *k, const char *v)
+static FleeceSkipped *
+plan_skipped (struct fleece_plan *p, int i, const char *func)
 {
-  json_object_object_add (o, k, v ? json_object_new_string (v) : NULL);
+  if (!p || i < 0 || (guint) i >= p->skipped->len) {
+    fleece_error_set (func, EINVAL, "no skipped entry %d in the plan (it has %d)",
+                      i, p ? (int) p->skipped->len : 0);
+    return NULL;
+  }
+  return p->skipped->pdata[i];
+}
+
+FLEECE_API int
+fleece_plan_get_skipped_count (struct fleece_plan *p)
+{
+  if (!p) {
+    fleece_error_set (__func__, EINVAL, "plan is NULL");
+    return -1;
+  }
+  return (int) p->skipped->len;
+}
+
+FLEECE_API const char *
+fleece_plan_get_skipped_name (struct fleece_plan *p, int i)
+{
+  FleeceSkipped *s = plan_skipped (p, i, __func__);
+  return s ? s->name : NULL;
+}
+
+FLEECE_API const char *
+fleece_plan_get_skipped_reason (struct fleece_plan *p, int i)
+{
+  FleeceSkipped *s = plan_skipped (p, i, __func__);
+  return s ? s->reason : NULL;
+}
+
+json_object *
+fleece_drive_to_json (const FleeceDrive *d)
+{
+  json_object *j = json_object_new_object ();
+
+  fleece_jset_str (j, "key", d->key);
+  fleece_jset_str (j, "device", d->device);
+  fleece_jset_str (j, "qdev", d->qdev);
+  fleece_jset_int (j, "size", (int64_t) d->size);
+  fleece_jset_bool (j, "fleeced", d->fleeced);
+  fleece_jset_str (j, "reason", d->reason);
+  fleece_jset_str (j, "image", d->image);
+  fleece_jset_str (j, "format", d->format);
+  fleece_jset_int (j, "cluster-size", (int64_t) d->cluster_size);
+  return j;
 }
 
 FLEECE_API char *
 fleece_plan_to_json (struct fleece_plan *p)
 {
-  g_autoptr (json_object) o = json_object_new_object ();
-  json_object *drives = json_object_new_array ();
+  g_autoptr (json_object) o = NULL;
+  json_object *drives, *skipped;
 
   if (!p) {
     fleece_error_set (__func__, EINVAL, "plan is NULL");
     return NULL;
   }
-  json_object_object_add (o, "vmid", json_object_new_int64 (p->vmid));
-  add_str (o, "engine", p->engine);
-  json_object_object_add (o, "fleecing",
-                          json_object_new_boolean (!p->no_fleecing));
-  for (guint i = 0; i < p->drives->len; i++) {
-    FleeceDrive *d = p->drives->pdata[i];
+  o = json_object_new_object ();
+  drives = json_object_new_array ();
+  skipped = json_object_new_array ();
+  fleece_jset_int (o, "vmid", p->vmid);
+  fleece_jset_str (o, "engine", p->engine);
+  fleece_jset_bool (o, "fleecing", !p->no_fleecing);
+  for (guint i = 0; i < p->drives->len; i++)
+    json_object_array_add (drives, fleece_drive_to_json (p->drives->pdata[i]));
+  for (guint i = 0; i < p->skipped->len; i++) {
+    FleeceSkipped *s = p->skipped->pdata[i];
     json_object *j = json_object_new_object ();
 
-    add_str (j, "key", d->key);
-    add_str (j, "device", d->device);
-    add_str (j, "qdev", d->qdev);
-    json_object_object_add (j, "size", json_object_new_int64 ((int64_t) d->size));
-    json_object_object_add (j, "fleeced", json_object_new_boolean (d->fleeced));
-    add_str (j, "reason", d->reason);
-    add_str (j, "image", d->image);
-    add_str (j, "format", d->format);
-    json_object_object_add (j, "cluster-size",
-                            json_object_new_int64 ((int64_t) d->cluster_size));
-    json_object_array_add (drives, j);
+    fleece_jset_str (j, "name", s->name);
+    fleece_jset_str (j, "reason", s->reason);
+    json_object_array_add (skipped, j);
   }
   json_object_object_add (o, "drives", drives);
+  json_object_object_add (o, "skipped", skipped);
   return strdup (json_object_to_json_string_ext (o, JSON_C_TO_STRING_PRETTY |
                                                     JSON_C_TO_STRING_NOSLASHESCAPE));
 }

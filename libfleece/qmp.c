@@ -15,6 +15,7 @@
  * late reply to a command that already timed out (ignored).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -34,6 +35,8 @@ struct FleeceQmp {
   int fd;
   bool connected;          /* greeting read and capabilities negotiated */
   int timeout_ms;
+  int greeting_timeout_ms;
+  int cancel_fd;           /* -1, or readable when waits must give up */
   size_t max_message;
 
   json_tokener *tok;
@@ -60,6 +63,8 @@ fleece_qmp_new (void)
 
   q->fd = -1;
   q->timeout_ms = FLEECE_QMP_DEFAULT_TIMEOUT_MS;
+  q->greeting_timeout_ms = FLEECE_QMP_DEFAULT_GREETING_TIMEOUT_MS;
+  q->cancel_fd = -1;
   q->max_message = FLEECE_QMP_DEFAULT_MAX_MESSAGE;
   q->tok = json_tokener_new_ex (QMP_MAX_DEPTH);
   /* Strict: QEMU emits standard JSON, so anything json-c would merely
@@ -132,6 +137,18 @@ fleece_qmp_set_max_message (FleeceQmp *q, size_t bytes)
   q->max_message = bytes ? bytes : FLEECE_QMP_DEFAULT_MAX_MESSAGE;
 }
 
+void
+fleece_qmp_set_greeting_timeout (FleeceQmp *q, int timeout_ms)
+{
+  q->greeting_timeout_ms = timeout_ms;
+}
+
+void
+fleece_qmp_set_cancel_fd (FleeceQmp *q, int fd)
+{
+  q->cancel_fd = fd;
+}
+
 /* Record err as the reason the connection is unusable and close it, so
  * that QEMU's monitor is released and a writer on the other side does not
  * block on a full socket buffer. */
@@ -173,13 +190,17 @@ deadline_after (int timeout_ms)
   return g_get_monotonic_time () + (gint64) timeout_ms * 1000;
 }
 
-/* Wait until fd is ready for events or the deadline passes.  Returns 1 when
- * ready, 0 on timeout, -1 with errno on error. */
+/* Wait until fd is ready for events or the deadline passes, giving up
+ * when cancel_fd (if >= 0) is readable.  Returns 1 when ready, 0 on
+ * timeout, -2 when cancelled, -1 with errno on error. */
 static int
-wait_fd (int fd, short events, gint64 deadline)
+wait_fd (int fd, short events, gint64 deadline, int cancel_fd)
 {
   for (;;) {
-    struct pollfd pfd = { .fd = fd, .events = events };
+    struct pollfd pfd[2] = {
+      { .fd = fd, .events = events },
+      { .fd = cancel_fd, .events = POLLIN },
+    };
     int ms = -1;
     int r;
 
@@ -189,22 +210,58 @@ wait_fd (int fd, short events, gint64 deadline)
        * deadline. */
       ms = left <= 0 ? 0 : (int) MIN ((left + 999) / 1000, G_MAXINT);
     }
-    r = poll (&pfd, 1, ms);
+    r = poll (pfd, cancel_fd >= 0 ? 2 : 1, ms);
     if (r < 0 && errno == EINTR)
       continue;
     if (r < 0)
       return -1;
+    if (cancel_fd >= 0 && pfd[1].revents)
+      return -2;
     if (r == 0)
       return 0;
     return 1;
   }
 }
 
+static void
+set_cancelled (GError **err, const char *what)
+{
+  g_set_error (err, FLEECE_QMP_ERROR, FLEECE_QMP_ERROR_CANCELLED,
+               "cancelled %s", what);
+}
+
 /* *sent tells how much went out, so that a timeout before the first byte
  * need not break the connection. */
+/* Send buf[off..len) once the socket takes it; with pass_fd >= 0 the
+ * first bytes carry that fd (SCM_RIGHTS), as QMP's getfd and add-fd
+ * expect. */
+static ssize_t
+send_some (int fd, const char *buf, size_t len, int pass_fd)
+{
+  union {
+    char buf[CMSG_SPACE (sizeof (int))];
+    struct cmsghdr align;
+  } control;
+  struct iovec iov = { .iov_base = (void *) buf, .iov_len = len };
+  struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+  struct cmsghdr *cmsg;
+
+  if (pass_fd < 0)
+    return send (fd, buf, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+  memset (&control, 0, sizeof control);
+  msg.msg_control = control.buf;
+  msg.msg_controllen = sizeof control.buf;
+  cmsg = CMSG_FIRSTHDR (&msg);
+  cmsg->cmsg_level = SOL_SOCKET;
+  cmsg->cmsg_type = SCM_RIGHTS;
+  cmsg->cmsg_len = CMSG_LEN (sizeof (int));
+  memcpy (CMSG_DATA (cmsg), &pass_fd, sizeof (int));
+  return sendmsg (fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+}
+
 static bool
 send_all (FleeceQmp *q, const char *command, const char *buf, size_t len,
-          gint64 deadline, size_t *sent, GError **err)
+          int pass_fd, gint64 deadline, size_t *sent, GError **err)
 {
   size_t off = 0;
 
@@ -212,8 +269,13 @@ send_all (FleeceQmp *q, const char *command, const char *buf, size_t len,
 
   while (off < len) {
     ssize_t n;
-    int r = wait_fd (q->fd, POLLOUT, deadline);
+    int r = wait_fd (q->fd, POLLOUT, deadline, q->cancel_fd);
 
+    if (r == -2) {
+      g_autofree char *what = g_strdup_printf ("while sending '%s'", command);
+      set_cancelled (err, what);
+      return false;
+    }
     if (r < 0) {
       g_set_error (err, FLEECE_QMP_ERROR, FLEECE_QMP_ERROR_IO,
                    "QMP poll failed while sending '%s': %s", command,
@@ -226,7 +288,7 @@ send_all (FleeceQmp *q, const char *command, const char *buf, size_t len,
       return false;
     }
     /* MSG_NOSIGNAL: a peer that went away must be an error, not SIGPIPE. */
-    n = send (q->fd, buf + off, len - off, MSG_NOSIGNAL | MSG_DONTWAIT);
+    n = send_some (q->fd, buf + off, len - off, off == 0 ? pass_fd : -1);
     if (n < 0) {
       if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
         continue;
@@ -326,7 +388,11 @@ read_message (FleeceQmp *q, gint64 deadline, int timeout_ms,
     }
 
     q->rpos = q->rlen = 0;
-    r = wait_fd (q->fd, POLLIN, deadline);
+    r = wait_fd (q->fd, POLLIN, deadline, q->cancel_fd);
+    if (r == -2) {
+      set_cancelled (err, waiting_for);
+      return NULL;
+    }
     if (r == 0) {
       g_set_error (err, FLEECE_QMP_ERROR, FLEECE_QMP_ERROR_TIMEOUT,
                    "timed out after %d ms %s", timeout_ms, waiting_for);
@@ -402,9 +468,25 @@ negotiate (FleeceQmp *q, GError **err)
   json_object *qmp, *version, *qemu, *v;
   json_object *ret;
   GError *local = NULL;
+  gint64 deadline = deadline_after (q->greeting_timeout_ms);
 
-  greeting = read_message (q, deadline_after (q->timeout_ms), q->timeout_ms,
-                           "while waiting for the QMP greeting", &local);
+  /* QEMU (10.0 at least) may send an event before the greeting: a monitor
+   * stays in command mode after its client leaves, and an event emitted
+   * between accepting the next client and greeting it goes out first.
+   * Connecting per call makes that common: skip such events. */
+  while ((greeting = read_message (q, deadline, q->greeting_timeout_ms,
+                                   "while waiting for the QMP greeting", &local))
+         && event_name (greeting))
+    g_clear_pointer (&greeting, json_object_put);
+  if (!greeting && local->code == FLEECE_QMP_ERROR_TIMEOUT) {
+    /* QEMU greets at once; a socket that accepts and stays silent is a
+     * monitor serving another client, which has us queued. */
+    g_clear_error (&local);
+    local = g_error_new (FLEECE_QMP_ERROR, FLEECE_QMP_ERROR_BUSY,
+                         "another client holds the QMP monitor (it accepted "
+                         "the connection but sent no greeting within %d ms)",
+                         q->greeting_timeout_ms);
+  }
   if (!greeting) {
     /* A greeting that never comes leaves the stream in an unknown state. */
     mark_broken (q, local);
@@ -458,6 +540,7 @@ fleece_qmp_connect_unix (FleeceQmp *q, const char *path, GError **err)
 {
   struct sockaddr_un sun = { .sun_family = AF_UNIX };
   size_t len = strlen (path);
+  gint64 deadline;
   int fd;
 
   reset_connection (q);
@@ -469,24 +552,43 @@ fleece_qmp_connect_unix (FleeceQmp *q, const char *path, GError **err)
   }
   memcpy (sun.sun_path, path, len + 1);
 
-  fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  /* Non-blocking: a monitor whose listen backlog is full (clients queued
+   * behind the one it serves) refuses with EAGAIN instead of accepting,
+   * and a blocking connect() would then wait without a bound. */
+  fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (fd < 0) {
     g_set_error (err, FLEECE_QMP_ERROR, FLEECE_QMP_ERROR_IO,
                  "cannot create a unix socket: %s", g_strerror (errno));
     return false;
   }
+  deadline = deadline_after (q->greeting_timeout_ms);
   while (connect (fd, (struct sockaddr *) &sun, sizeof sun) < 0) {
     int e = errno;
+    int r = 0;
 
     if (e == EINTR)
       continue;
+    if (e == EAGAIN && (deadline < 0 || g_get_monotonic_time () < deadline)) {
+      /* Sleep 50 ms, or until cancelled. */
+      r = wait_fd (-1, 0, MIN (deadline_after (50), deadline < 0 ? G_MAXINT64 : deadline),
+                   q->cancel_fd);
+      if (r != -2)
+        continue;
+    }
     close (fd);
-    /* Distinguished so that cleanup can tell "QEMU is gone" from "QEMU
-     * is there but does not answer". */
-    g_set_error (err, FLEECE_QMP_ERROR,
-                 e == ENOENT || e == ECONNREFUSED ? FLEECE_QMP_ERROR_NO_PEER
-                                                  : FLEECE_QMP_ERROR_IO,
-                 "cannot connect to QMP socket %s: %s", path, g_strerror (e));
+    if (r == -2)
+      set_cancelled (err, "while connecting to the QMP socket");
+    else if (e == EAGAIN)
+      g_set_error (err, FLEECE_QMP_ERROR, FLEECE_QMP_ERROR_BUSY,
+                   "another client holds the QMP monitor %s (its queue of "
+                   "waiting connections is full)", path);
+    else
+      /* Distinguished so that cleanup can tell "QEMU is gone" from "QEMU
+       * is there but does not answer". */
+      g_set_error (err, FLEECE_QMP_ERROR,
+                   e == ENOENT || e == ECONNREFUSED ? FLEECE_QMP_ERROR_NO_PEER
+                                                    : FLEECE_QMP_ERROR_IO,
+                   "cannot connect to QMP socket %s: %s", path, g_strerror (e));
     return false;
   }
   q->fd = fd;
@@ -575,9 +677,9 @@ handle_reply (FleeceQmp *q, const char *command, json_object *msg,
   return NULL;
 }
 
-json_object *
-fleece_qmp_execute_timeout (FleeceQmp *q, const char *command,
-                            json_object *args, int timeout_ms, GError **err)
+static json_object *
+execute (FleeceQmp *q, const char *command, json_object *args, int pass_fd,
+         int timeout_ms, GError **err)
 {
   g_autoptr (json_object) req = NULL;
   g_autofree char *id = NULL;
@@ -606,7 +708,7 @@ fleece_qmp_execute_timeout (FleeceQmp *q, const char *command,
                          req, JSON_C_TO_STRING_PLAIN
                          | JSON_C_TO_STRING_NOSLASHESCAPE));
   g_string_append_c (line, '\n');
-  if (!send_all (q, command, line->str, line->len, deadline, &sent,
+  if (!send_all (q, command, line->str, line->len, pass_fd, deadline, &sent,
                  &local)) {
     /* Half a command on the wire cannot be taken back: QEMU would read
      * the next one as its continuation. */
@@ -651,10 +753,24 @@ fleece_qmp_execute_timeout (FleeceQmp *q, const char *command,
 }
 
 json_object *
+fleece_qmp_execute_timeout (FleeceQmp *q, const char *command,
+                            json_object *args, int timeout_ms, GError **err)
+{
+  return execute (q, command, args, -1, timeout_ms, err);
+}
+
+json_object *
 fleece_qmp_execute (FleeceQmp *q, const char *command, json_object *args,
                     GError **err)
 {
-  return fleece_qmp_execute_timeout (q, command, args, -1, err);
+  return execute (q, command, args, -1, -1, err);
+}
+
+json_object *
+fleece_qmp_execute_fd (FleeceQmp *q, const char *command, json_object *args,
+                       int fd, GError **err)
+{
+  return execute (q, command, args, fd, -1, err);
 }
 
 char *

@@ -32,10 +32,15 @@ typedef enum {
   FLEECE_QMP_ERROR_TOO_LARGE, /* a message exceeded the size limit */
   FLEECE_QMP_ERROR_COMMAND,   /* QEMU answered with an error reply */
   FLEECE_QMP_ERROR_NO_PEER,   /* nobody listens: no socket, or refused */
+  FLEECE_QMP_ERROR_BUSY,      /* the socket accepts but QEMU does not greet:
+                               * another client holds the monitor */
+  FLEECE_QMP_ERROR_CANCELLED, /* the cancel fd became readable */
 } FleeceQmpErrorCode;
 
 /* Default limits. */
 #define FLEECE_QMP_DEFAULT_TIMEOUT_MS 60000
+/* QEMU greets at once unless another client holds the monitor. */
+#define FLEECE_QMP_DEFAULT_GREETING_TIMEOUT_MS 5000
 #define FLEECE_QMP_DEFAULT_MAX_MESSAGE (16u * 1024 * 1024)
 #define FLEECE_QMP_MAX_QUEUED_EVENTS 1024
 
@@ -48,6 +53,12 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC (FleeceQmp, fleece_qmp_free)
 /* Limits; apply to later calls. */
 void fleece_qmp_set_timeout (FleeceQmp *q, int timeout_ms);
 void fleece_qmp_set_max_message (FleeceQmp *q, size_t bytes);
+void fleece_qmp_set_greeting_timeout (FleeceQmp *q, int timeout_ms);
+/* While fd (>= 0) is readable every wait of q (connect, greeting, reply,
+ * event) gives up at once with FLEECE_QMP_ERROR_CANCELLED; -1 disarms.
+ * A reply given up on leaves the connection usable: its late answer is
+ * recognised by its id and ignored. */
+void fleece_qmp_set_cancel_fd (FleeceQmp *q, int fd);
 
 /* Connect to a unix socket path, or adopt a connected fd (closed by
  * fleece_qmp_free, also if this fails).  Both read the greeting and send
@@ -67,6 +78,10 @@ json_object *fleece_qmp_execute (FleeceQmp *q, const char *command,
 json_object *fleece_qmp_execute_timeout (FleeceQmp *q, const char *command,
                                          json_object *args, int timeout_ms,
                                          GError **err);
+
+/* Execute a command passing fd along (SCM_RIGHTS), for getfd / add-fd. */
+json_object *fleece_qmp_execute_fd (FleeceQmp *q, const char *command,
+                                    json_object *args, int fd, GError **err);
 
 /* HMP passthrough via human-monitor-command; returns its output text
  * (g_free), or NULL with err set. */

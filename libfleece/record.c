@@ -18,7 +18,8 @@
 
 #include "internal.h"
 
-#define RECORD_VERSION 1
+/* 2: files and images carry the identity that proves them ours (1.0). */
+#define RECORD_VERSION 2
 /* Far above any real record (a few hundred bytes per drive); a larger one
  * is garbage, and refusing it bounds what a load reads into memory. */
 #define RECORD_MAX_SIZE (1024 * 1024)
@@ -56,19 +57,6 @@ record_path (const char *dir, uint32_t vmid)
 {
   g_autofree char *base = g_strdup_printf ("%" PRIu32 ".json", vmid);
   return g_build_filename (dir, base, NULL);
-}
-
-/* The callbacks may set errno; otherwise a failure is reported as EIO. */
-static int
-callback_errno (int saved)
-{
-  return saved ? saved : EIO;
-}
-
-static const char *
-callback_reason (int saved)
-{
-  return saved ? g_strerror (saved) : "no reason given";
 }
 
 /* What is wrong with record as the record of vmid, or NULL. */
@@ -199,34 +187,6 @@ fsync_dir (const char *dir, GError **err)
   return true;
 }
 
-/* The state dir holds records naming volumes and is where the locks live;
- * 0700, and created with its parents when missing. */
-static bool
-ensure_dir (const char *dir, GError **err)
-{
-  struct stat sb;
-
-  if (stat (dir, &sb) == 0) {
-    if (!S_ISDIR (sb.st_mode)) {
-      g_set_error (err, FLEECE_ERROR, ENOTDIR,
-                   "state directory %s is not a directory", dir);
-      return false;
-    }
-    return true;
-  }
-  if (g_mkdir_with_parents (dir, 0700) != 0) {
-    int e = errno;
-    g_set_error (err, FLEECE_ERROR, e,
-                 "cannot create state directory %s: %s", dir, g_strerror (e));
-    return false;
-  }
-  /* So that the new directory itself survives a crash. */
-  {
-    g_autofree char *parent = g_path_get_dirname (dir);
-    return fsync_dir (parent, err);
-  }
-}
-
 static bool
 write_all (int fd, const char *buf, size_t len)
 {
@@ -257,12 +217,30 @@ file_load (const char *dir, uint32_t vmid, GError **err)
 
   /* O_NONBLOCK: opening a FIFO put in the record's place would wait for a
    * writer forever; the type is checked below (for a regular file the
-   * flag changes nothing). */
-  fd = open (path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+   * flag changes nothing).  O_NOFOLLOW: a symlink is never a record. */
+  {
+    struct stat dsb;
+    if (!g_path_is_absolute (dir)) {
+      g_set_error (err, FLEECE_ERROR, EINVAL, "the state directory '%s' is "
+                   "not an absolute path (FLEECE_STATE_DIR?)", dir);
+      return NULL;
+    }
+    if (lstat (dir, &dsb) != 0 && errno == ENOENT)
+      return NULL;              /* no state dir, no record: create nothing */
+  }
+  if (!fleece_dir_check_private (dir, "state directory", err))
+    return NULL;
+  fd = open (path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK | O_NOFOLLOW);
   if (fd < 0) {
     e = errno;
     if (e == ENOENT)
       return NULL;
+    if (e == ELOOP) {
+      g_set_error (err, FLEECE_ERROR, EBADMSG,
+                   "record %s is a symbolic link, not a record of this "
+                   "library; remove it", path);
+      return NULL;
+    }
     g_set_error (err, FLEECE_ERROR, e, "cannot open record %s: %s", path,
                  g_strerror (e));
     return NULL;
@@ -279,10 +257,11 @@ file_load (const char *dir, uint32_t vmid, GError **err)
                  g_strerror (e));
     return NULL;
   }
-  if (!S_ISREG (sb.st_mode)) {
+  if (!S_ISREG (sb.st_mode) || sb.st_uid != geteuid ()) {
     close (fd);
     g_set_error (err, FLEECE_ERROR, EBADMSG,
-                 "%s is not a regular file; %s", where, fix);
+                 "%s is not a regular file of uid %u; %s", where,
+                 (unsigned) geteuid (), fix);
     return NULL;
   }
   if (sb.st_size > RECORD_MAX_SIZE) {
@@ -326,7 +305,7 @@ file_store (const char *dir, uint32_t vmid, const char *json, size_t len,
   const char *step;
   int fd, e;
 
-  if (!ensure_dir (dir, err))
+  if (!fleece_dir_ensure_private (dir, "state directory", err))
     return false;
 
   /* A temporary file in the same directory, so rename() replaces the record
@@ -395,19 +374,19 @@ cb_load (const FleeceRecordStore *rs, uint32_t vmid, GError **err)
   g_autofree char *where = NULL;
   g_autofree char *fix = NULL;
   json_object *record;
-  char *json = NULL;
+  char *json = NULL, *reason = NULL;
   int rc, e;
 
   errno = 0;
-  rc = rs->load (rs->opaque, vmid, &json);
+  rc = rs->load (rs->user_data, vmid, &json, &reason);
   e = errno;
   if (rc != 0) {
     free (json);
-    g_set_error (err, FLEECE_ERROR, callback_errno (e),
-                 "the record load callback failed for VM %" PRIu32 ": %s",
-                 vmid, callback_reason (e));
+    fleece_error_from_callback (err, e, reason, "the record load callback "
+                                "failed for VM %" PRIu32, vmid);
     return NULL;
   }
+  free (reason);
   if (!json)
     return NULL;
 
@@ -426,18 +405,19 @@ static bool
 cb_store (const FleeceRecordStore *rs, uint32_t vmid, const char *json,
           GError **err)
 {
+  char *reason = NULL;
   int rc, e;
 
   errno = 0;
-  rc = rs->store (rs->opaque, vmid, json);
+  rc = rs->store (rs->user_data, vmid, json, &reason);
   e = errno;
   if (rc != 0) {
-    g_set_error (err, FLEECE_ERROR, callback_errno (e),
-                 "the record store callback failed to %s the record of VM %"
-                 PRIu32 ": %s", json ? "store" : "remove", vmid,
-                 callback_reason (e));
+    fleece_error_from_callback (err, e, reason, "the record store callback "
+                                "failed to %s the record of VM %" PRIu32,
+                                json ? "store" : "remove", vmid);
     return false;
   }
+  free (reason);
   return true;
 }
 
@@ -516,27 +496,47 @@ fleece_record_remove (const FleeceRecordStore *rs, uint32_t vmid,
  * and closing some other fd of the file does not drop them.  The lock file
  * is never removed: unlinking it would let two runs lock different inodes. */
 int
-fleece_lock_vm (const char *state_dir, uint32_t vmid, GError **err)
+fleece_lock_vm (const char *state_dir, uint32_t vmid, bool create,
+                GError **err)
 {
   g_autofree char *base = NULL;
   g_autofree char *path = NULL;
+  struct stat sb;
   int fd, e;
 
   if (!state_dir || !*state_dir) {
     g_set_error (err, FLEECE_ERROR, EINVAL, "the state directory is empty");
     return -1;
   }
-  if (!ensure_dir (state_dir, err))
+  if (!g_path_is_absolute (state_dir)) {
+    g_set_error (err, FLEECE_ERROR, EINVAL, "the state directory '%s' is not "
+                 "an absolute path (FLEECE_STATE_DIR?)", state_dir);
+    return -1;
+  }
+  if (!create && lstat (state_dir, &sb) != 0 && errno == ENOENT)
+    return FLEECE_LOCK_NO_DIR;
+  if (!(create ? fleece_dir_ensure_private (state_dir, "state directory", err)
+               : fleece_dir_check_private (state_dir, "state directory", err)))
     return -1;
 
   base = g_strdup_printf ("%" PRIu32 ".lock", vmid);
   path = g_build_filename (state_dir, base, NULL);
-  /* O_CLOEXEC: a qemu-img spawned meanwhile must not inherit the lock. */
-  fd = open (path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOCTTY, 0600);
+  /* O_CLOEXEC: a qemu-img spawned meanwhile must not inherit the lock.
+   * O_NOFOLLOW: a planted symlink must not make us create or lock a file
+   * elsewhere. */
+  fd = open (path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW, 0600);
   if (fd < 0) {
     e = errno;
-    g_set_error (err, FLEECE_ERROR, e, "cannot open lock file %s: %s", path,
-                 g_strerror (e));
+    g_set_error (err, FLEECE_ERROR, e == ELOOP ? EPERM : e,
+                 "cannot open lock file %s: %s", path,
+                 e == ELOOP ? "it is a symbolic link; remove it" : g_strerror (e));
+    return -1;
+  }
+  if (fstat (fd, &sb) != 0 || !S_ISREG (sb.st_mode) || sb.st_uid != geteuid ()) {
+    close (fd);
+    g_set_error (err, FLEECE_ERROR, EPERM,
+                 "lock file %s is not a regular file of uid %u; remove it",
+                 path, (unsigned) geteuid ());
     return -1;
   }
   while (flock (fd, LOCK_EX | LOCK_NB) != 0) {
@@ -546,12 +546,29 @@ fleece_lock_vm (const char *state_dir, uint32_t vmid, GError **err)
     close (fd);
     if (e == EWOULDBLOCK)
       g_set_error (err, FLEECE_ERROR, EBUSY,
-                   "another run holds the lock for VM %" PRIu32 " (%s)",
-                   vmid, path);
+                   "another run holds the lock for VM %" PRIu32 " (%s): it is "
+                   "still running; see fleece status", vmid, path);
     else
       g_set_error (err, FLEECE_ERROR, e, "cannot lock %s: %s", path,
                    g_strerror (e));
     return -1;
   }
   return fd;
+}
+
+int
+fleece_lock_probe (const char *state_dir, uint32_t vmid)
+{
+  if (!g_path_is_absolute (state_dir))
+    return -1;
+  g_autofree char *base = g_strdup_printf ("%" PRIu32 ".lock", vmid);
+  g_autofree char *path = g_build_filename (state_dir, base, NULL);
+  int fd = open (path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW);
+  int r;
+
+  if (fd < 0)
+    return errno == ENOENT ? 0 : -1;
+  r = flock (fd, LOCK_SH | LOCK_NB) == 0 ? 0 : errno == EWOULDBLOCK ? 1 : -1;
+  close (fd);
+  return r;
 }

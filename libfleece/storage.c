@@ -1,43 +1,20 @@
-/* Storage for fleecing images: the built-in directory storage and the
- * caller's callbacks behind one interface.
- *
- * Image names come from the plan, but volids also come back from the
- * durable record, which is a file anyone with access to the state dir can
- * edit; so the directory storage validates every name and volid it is given
- * and never builds a path outside its directory. */
+/* Storage for fleecing images: the public constructors, the caller's
+ * callback storage, and the one interface the rest of the library uses
+ * (storage.h). */
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <sys/types.h>
-#include <unistd.h>
 
-#include "internal.h"
-
-typedef enum {
-  STORAGE_DIR,
-  STORAGE_CALLBACK,
-} StorageType;
-
-struct fleece_storage {
-  StorageType type;
-  unsigned flags;
-
-  /* STORAGE_DIR */
-  char *dir;                    /* absolute, canonical (no trailing '/') */
-
-  /* STORAGE_CALLBACK */
-  fleece_storage_alloc_fn alloc;
-  fleece_storage_free_fn free_image;
-  fleece_storage_path_fn path;
-  void *opaque;
-  fleece_free_fn free_opaque;
-};
+#include "storage.h"
 
 #define STORAGE_KNOWN_FLAGS \
   (FLEECE_STORAGE_QCOW2 | FLEECE_STORAGE_DISCARD | FLEECE_STORAGE_PATH)
+/* A caller's storage may allocate in units the library cannot know (RBD
+ * objects are 4 MiB by default): discard must cover them. */
+#define CALLBACK_JOB_CLUSTER (4u * 1024 * 1024)
+#define STORAGE_ID_MAX 256
 
 /* ---- names ---------------------------------------------------------- */
 
@@ -51,138 +28,407 @@ skip_digits (const char *p)
   return p > start ? p : NULL;
 }
 
-/* Whether name is vm-<digits>-fleece-<digits>(.raw|.qcow2)?, exactly.
- * Parsed by hand rather than with GRegex: PCRE's "$" also matches before a
+/* Parsed by hand rather than with GRegex: PCRE's "$" also matches before a
  * trailing newline, which would let "vm-1-fleece-0.raw\n" through.  Every
  * accepted byte is from [a-z0-9.-] and there is no '/', so the name is one
- * path component and cannot be "." or "..".  *suffix is set to the format
- * the name carries, or NULL. */
-static bool
-valid_image_name (const char *name, const char **suffix)
+ * path component and cannot be "." or "..". */
+bool
+fleece_storage_valid_name (const char *name, bool with_suffix,
+                           const char **suffix)
 {
   const char *p = name;
 
   *suffix = NULL;
-  if (!name || strlen (name) > NAME_MAX)
+  if (!name || strlen (name) > NAME_MAX || !g_str_has_prefix (p, "vm-"))
     return false;
-  if (!g_str_has_prefix (p, "vm-"))
-    return false;
-  if (!(p = skip_digits (p + strlen ("vm-"))))
-    return false;
-  if (!g_str_has_prefix (p, "-fleece-"))
+  if (!(p = skip_digits (p + strlen ("vm-"))) || !g_str_has_prefix (p, "-fleece-"))
     return false;
   if (!(p = skip_digits (p + strlen ("-fleece-"))))
     return false;
   if (*p == '\0')
     return true;
-  if (strcmp (p, ".raw") == 0) {
+  if (!with_suffix)
+    return false;
+  if (strcmp (p, ".raw") == 0)
     *suffix = "raw";
-    return true;
-  }
-  if (strcmp (p, ".qcow2") == 0) {
+  else if (strcmp (p, ".qcow2") == 0)
     *suffix = "qcow2";
-    return true;
-  }
-  return false;
+  return *suffix != NULL;
 }
 
-static bool
-check_image_name (const char *name, const char *what, GError **err)
+bool
+fleece_storage_check_name (const char *name, bool with_suffix,
+                           const char *what, GError **err)
 {
   const char *suffix;
   g_autofree char *shown = NULL;
 
-  if (valid_image_name (name, &suffix))
+  if (fleece_storage_valid_name (name, with_suffix, &suffix))
     return true;
   shown = name ? g_strescape (name, NULL) : g_strdup ("(null)");
   g_set_error (err, FLEECE_ERROR, EINVAL,
-               "invalid %s \"%s\": expected vm-<vmid>-fleece-<n> with an "
-               "optional .raw or .qcow2 suffix", what, shown);
+               "invalid %s \"%s\": expected vm-<vmid>-fleece-<n>%s", what,
+               shown, with_suffix ? " with an optional .raw or .qcow2 suffix" : "");
   return false;
 }
 
-/* ---- construction ----------------------------------------------------- */
+/* ---- the caller's callbacks ------------------------------------------- */
 
-static struct fleece_storage *
-storage_new_dir (const char *dir, GError **err)
+typedef struct {
+  char *id;
+  fleece_storage_alloc_fn alloc;
+  fleece_storage_remove_fn remove;
+  fleece_storage_path_fn path;
+  fleece_storage_blockdev_fn blockdev;
+  void *user_data;
+  fleece_free_fn free_fn;
+} CbStorage;
+
+static CbStorage *
+cbs (const struct fleece_storage *st)
 {
-  struct fleece_storage *st;
-  struct stat sb;
-
-  if (!dir || !*dir) {
-    g_set_error (err, FLEECE_ERROR, EINVAL, "the directory is empty");
-    return NULL;
-  }
-  /* Relative paths would be resolved against whatever the current
-   * directory is when QEMU opens the image or a later cleanup runs. */
-  if (!g_path_is_absolute (dir)) {
-    g_set_error (err, FLEECE_ERROR, EINVAL,
-                 "directory %s is not an absolute path", dir);
-    return NULL;
-  }
-  if (stat (dir, &sb) != 0) {
-    int e = errno;
-    g_set_error (err, FLEECE_ERROR, e, "directory %s: %s", dir,
-                 g_strerror (e));
-    return NULL;
-  }
-  if (!S_ISDIR (sb.st_mode)) {
-    g_set_error (err, FLEECE_ERROR, ENOTDIR, "%s is not a directory", dir);
-    return NULL;
-  }
-
-  st = g_new0 (struct fleece_storage, 1);
-  st->type = STORAGE_DIR;
-  st->flags = FLEECE_STORAGE_QCOW2 | FLEECE_STORAGE_DISCARD |
-              FLEECE_STORAGE_PATH;
-  st->dir = g_canonicalize_filename (dir, NULL);
-  return st;
+  return st->impl;
 }
+
+static bool
+cb_check_complete (const struct fleece_storage *st, GError **err)
+{
+  const CbStorage *c = cbs (st);
+
+  if (c->alloc && c->remove && (c->path || c->blockdev))
+    return true;
+  g_set_error (err, FLEECE_ERROR, EINVAL,
+               "storage %s lacks callbacks: alloc, remove and path or "
+               "blockdev are required (missing:%s%s%s)", c->id,
+               c->alloc ? "" : " alloc", c->remove ? "" : " remove",
+               c->path || c->blockdev ? "" : " path/blockdev");
+  return false;
+}
+
+static uint64_t
+cb_min_job_cluster (const struct fleece_storage *st)
+{
+  return CALLBACK_JOB_CLUSTER;
+}
+
+static bool
+cb_alloc (struct fleece_storage *st, const char *name, const char *format,
+          uint64_t size, const char *run, bool may_leave_unformatted,
+          FleeceImage *img, GError **err)
+{
+  char *volid = NULL, *reason = NULL;
+  int rc, e;
+
+  errno = 0;
+  rc = cbs (st)->alloc (cbs (st)->user_data, name, format, size, &volid, &reason);
+  e = errno;
+  if (rc != 0) {
+    free (volid);
+    fleece_error_from_callback (err, e, reason, "the storage %s could not "
+                                "allocate image %s (%s, %" PRIu64 " bytes)",
+                                cbs (st)->id, name, format, size);
+    return false;
+  }
+  free (reason);
+  if (!volid || !*volid) {
+    free (volid);
+    g_set_error (err, FLEECE_ERROR, EIO, "the storage %s returned success "
+                 "but no volume id for image %s", cbs (st)->id, name);
+    return false;
+  }
+  img->volid = g_strdup (volid);
+  /* The caller's storage vouches for its volids: the one it returned in
+   * this run is the proof. */
+  img->identity = json_object_new_string (volid);
+  free (volid);
+  return true;
+}
+
+static int
+cb_remove (struct fleece_storage *st, json_object *entry, const char *run,
+           GError **err)
+{
+  const char *volid = fleece_jstr (entry, "volid");
+  char *reason = NULL;
+  int rc, e;
+
+  /* Without a volid the alloc callback never returned: nothing of ours is
+   * known (fleece_get_status() shows the planned name). */
+  if (!volid || g_strcmp0 (json_object_get_string (fleece_jobj (entry, "identity")), volid) != 0)
+    return 0;
+  errno = 0;
+  rc = cbs (st)->remove (cbs (st)->user_data, volid, &reason);
+  e = errno;
+  if (rc != 0) {
+    fleece_error_from_callback (err, e, reason, "the storage %s could not "
+                                "free volume %s", cbs (st)->id, volid);
+    return -1;
+  }
+  free (reason);
+  return 0;
+}
+
+static char *
+cb_path (struct fleece_storage *st, const char *volid, GError **err)
+{
+  char *reason = NULL, *out, *ret;
+  int e;
+
+  if (!cbs (st)->path) {
+    g_set_error (err, FLEECE_ERROR, ENOTSUP, "the storage %s gives QEMU "
+                 "blockdev definitions, not paths", cbs (st)->id);
+    return NULL;
+  }
+  errno = 0;
+  out = cbs (st)->path (cbs (st)->user_data, volid, &reason);
+  e = errno;
+  if (!out || !*out) {
+    free (out);
+    fleece_error_from_callback (err, e, reason ? reason : out ? g_strdup ("it "
+                                "returned an empty path") : NULL,
+                                "the storage %s has no path for volume %s",
+                                cbs (st)->id, volid);
+    return NULL;
+  }
+  free (reason);
+  ret = g_strdup (out);
+  free (out);
+  return ret;
+}
+
+/* The caller's JSON object, or a file/host_device node of its path. */
+static json_object *
+cb_blockdev (struct fleece_storage *st, const char *volid, const char *node,
+             GError **err)
+{
+  g_autofree char *path = NULL;
+  char *reason = NULL, *out;
+  json_object *o;
+  int e;
+
+  if (!cbs (st)->blockdev) {
+    if (!(path = cb_path (st, volid, err)))
+      return NULL;
+    if (!g_path_is_absolute (path)) {
+      g_set_error (err, FLEECE_ERROR, ENOTSUP, "the storage %s gave '%s' for "
+                   "volume %s, which is not a local file or block device; give "
+                   "QEMU a blockdev definition instead (blockdev callback)",
+                   cbs (st)->id, path, volid);
+      return NULL;
+    }
+    o = json_object_new_object ();
+    fleece_jset_str (o, "driver", g_file_test (path, G_FILE_TEST_IS_REGULAR)
+                                  ? "file" : "host_device");
+    fleece_jset_str (o, "filename", path);
+    fleece_jset_str (o, "node-name", node);
+    return o;
+  }
+  errno = 0;
+  out = cbs (st)->blockdev (cbs (st)->user_data, volid, &reason);
+  e = errno;
+  o = out ? json_tokener_parse (out) : NULL;
+  if (!o || !json_object_is_type (o, json_type_object) || !fleece_jobj (o, "driver") ||
+      !json_object_is_type (fleece_jobj (o, "driver"), json_type_string)) {
+    if (o)
+      json_object_put (o);
+    fleece_error_from_callback (err, out ? EINVAL : e, out ? g_strdup_printf (
+                                "it is not a JSON object with a \"driver\" string: %s",
+                                out) : reason, "the storage %s has no QEMU "
+                                "blockdev definition for volume %s",
+                                cbs (st)->id, volid);
+    if (out)
+      free (reason);
+    free (out);
+    return NULL;
+  }
+  free (out);
+  free (reason);
+  /* Our node name, and discard passed down so the backup's discard-source
+   * frees space in the storage. */
+  fleece_jset_str (o, "node-name", node);
+  fleece_jset_str (o, "discard", "unmap");
+  return o;
+}
+
+static json_object *
+cb_describe (const struct fleece_storage *st)
+{
+  json_object *o = json_object_new_object ();
+
+  fleece_jset_str (o, "type", "callback");
+  fleece_jset_str (o, "id", cbs (st)->id);
+  fleece_jset_int (o, "flags", st->flags);
+  return o;
+}
+
+static bool
+cb_matches (const struct fleece_storage *st, json_object *desc)
+{
+  return g_strcmp0 (fleece_jstr (desc, "type"), "callback") == 0 &&
+         g_strcmp0 (fleece_jstr (desc, "id"), cbs (st)->id) == 0;
+}
+
+static void
+cb_free (struct fleece_storage *st)
+{
+  if (cbs (st)->free_fn)
+    cbs (st)->free_fn (cbs (st)->user_data);
+  g_free (cbs (st)->id);
+  g_free (cbs (st));
+}
+
+static const FleeceStorageOps cb_ops = {
+  .type = "callback",
+  .check_complete = cb_check_complete,
+  .min_job_cluster = cb_min_job_cluster,
+  .alloc = cb_alloc,
+  .remove = cb_remove,
+  .blockdev = cb_blockdev,
+  .path = cb_path,
+  .describe = cb_describe,
+  .matches = cb_matches,
+  .free = cb_free,
+};
+
+/* ---- public API --------------------------------------------------------- */
 
 FLEECE_API struct fleece_storage *
 fleece_storage_new_dir (const char *dir)
 {
   g_autoptr (GError) err = NULL;
-  struct fleece_storage *st = storage_new_dir (dir, &err);
+  struct fleece_storage *st = fleece_storage_dir_new (dir, &err);
 
   if (!st)
     fleece_error_set_gerror (__func__, err);
   return st;
 }
 
-/* On failure opaque stays the caller's: free_opaque is not called, since no
+FLEECE_API struct fleece_storage *
+fleece_storage_new_rbd (const char *pool, const char *ns)
+{
+  g_autoptr (GError) err = NULL;
+  struct fleece_storage *st = fleece_storage_rbd_new (pool, ns, &err);
+
+  if (!st)
+    fleece_error_set_gerror (__func__, err);
+  return st;
+}
+
+static bool
+valid_storage_id (const char *id)
+{
+  size_t n = id ? strlen (id) : 0;
+
+  if (n == 0 || n > STORAGE_ID_MAX)
+    return false;
+  for (size_t i = 0; i < n; i++)
+    if (!g_ascii_isprint (id[i]))
+      return false;
+  return true;
+}
+
+/* On failure user_data stays the caller's: free_fn is not called, since no
  * object took it. */
 FLEECE_API struct fleece_storage *
-fleece_storage_new_callback (unsigned flags,
-                             fleece_storage_alloc_fn alloc,
-                             fleece_storage_free_fn free_image,
-                             fleece_storage_path_fn path,
-                             void *opaque, fleece_free_fn free_opaque)
+fleece_storage_new_callback (const char *id, unsigned flags, void *user_data,
+                             fleece_free_fn free_fn)
 {
   struct fleece_storage *st;
+  CbStorage *c;
 
+  if (!valid_storage_id (id)) {
+    fleece_error_set (__func__, EINVAL, "the storage id must be 1 to %d "
+                      "printable characters (e.g. \"pve:local-lvm\")",
+                      STORAGE_ID_MAX);
+    return NULL;
+  }
   if (flags & ~STORAGE_KNOWN_FLAGS) {
     fleece_error_set (__func__, EINVAL, "unknown flags 0x%x",
                       flags & ~STORAGE_KNOWN_FLAGS);
     return NULL;
   }
-  if (!alloc || !free_image || !path) {
-    fleece_error_set (__func__, EINVAL,
-                      "the alloc, free and path callbacks are all required "
-                      "(missing:%s%s%s)", alloc ? "" : " alloc",
-                      free_image ? "" : " free", path ? "" : " path");
+  st = g_new0 (struct fleece_storage, 1);
+  st->ops = &cb_ops;
+  st->flags = flags;
+  st->impl = c = g_new0 (CbStorage, 1);
+  c->id = g_strdup (id);
+  c->user_data = user_data;
+  c->free_fn = free_fn;
+  return st;
+}
+
+static CbStorage *
+callback_storage (struct fleece_storage *st, const char *func)
+{
+  if (!st || st->ops != &cb_ops) {
+    fleece_error_set (func, EINVAL, "%s", st ? "not a callback storage "
+                      "(made by fleece_storage_new_callback())"
+                      : "storage is NULL");
     return NULL;
   }
+  if (st->taken) {
+    fleece_error_set (func, EBUSY, "the storage belongs to a handle now");
+    return NULL;
+  }
+  return cbs (st);
+}
 
-  st = g_new0 (struct fleece_storage, 1);
-  st->type = STORAGE_CALLBACK;
-  st->flags = flags;
-  st->alloc = alloc;
-  st->free_image = free_image;
-  st->path = path;
-  st->opaque = opaque;
-  st->free_opaque = free_opaque;
-  return st;
+FLEECE_API int
+fleece_storage_set_alloc_callback (struct fleece_storage *st,
+                                   fleece_storage_alloc_fn fn)
+{
+  CbStorage *c = callback_storage (st, __func__);
+  return c ? (c->alloc = fn, 0) : -1;
+}
+
+FLEECE_API int
+fleece_storage_set_remove_callback (struct fleece_storage *st,
+                                    fleece_storage_remove_fn fn)
+{
+  CbStorage *c = callback_storage (st, __func__);
+  return c ? (c->remove = fn, 0) : -1;
+}
+
+FLEECE_API int
+fleece_storage_set_path_callback (struct fleece_storage *st,
+                                  fleece_storage_path_fn fn)
+{
+  CbStorage *c = callback_storage (st, __func__);
+  return c ? (c->path = fn, 0) : -1;
+}
+
+FLEECE_API int
+fleece_storage_set_blockdev_callback (struct fleece_storage *st,
+                                      fleece_storage_blockdev_fn fn)
+{
+  CbStorage *c = callback_storage (st, __func__);
+  return c ? (c->blockdev = fn, 0) : -1;
+}
+
+FLEECE_API int
+fleece_storage_set_option (struct fleece_storage *st, const char *key,
+                           const char *value)
+{
+  g_autoptr (GError) err = NULL;
+
+  if (!st || !key) {
+    fleece_error_set (__func__, EINVAL, "%s is NULL", st ? "key" : "storage");
+    return -1;
+  }
+  if (st->taken) {
+    fleece_error_set (__func__, EBUSY, "the storage belongs to a handle now");
+    return -1;
+  }
+  if (!st->ops->set_option) {
+    fleece_error_set (__func__, EINVAL, "the %s storage has no options (not "
+                      "even '%s')", st->ops->type, key);
+    return -1;
+  }
+  if (!st->ops->set_option (st, key, value, &err)) {
+    fleece_error_set_gerror (__func__, err);
+    return -1;
+  }
+  return 0;
 }
 
 FLEECE_API void
@@ -190,10 +436,25 @@ fleece_storage_free (struct fleece_storage *st)
 {
   if (!st)
     return;
-  if (st->free_opaque)
-    st->free_opaque (st->opaque);
-  g_free (st->dir);
+  st->ops->free (st);
   g_free (st);
+}
+
+/* ---- the internal interface ------------------------------------------ */
+
+void
+fleece_image_clear (FleeceImage *img)
+{
+  g_clear_pointer (&img->volid, g_free);
+  g_clear_pointer (&img->identity, json_object_put);
+  g_clear_pointer (&img->pending, g_free);
+  img->unformatted = false;
+}
+
+bool
+fleece_storage_is_callers (const struct fleece_storage *st)
+{
+  return st && st->ops == &cb_ops;
 }
 
 unsigned
@@ -202,301 +463,115 @@ fleece_storage_flags (const struct fleece_storage *st)
   return st ? st->flags : 0;
 }
 
-/* The directory storage frees file blocks (raw) or 64 KiB clusters
- * (qcow2), so 1 MiB job clusters still discard; a caller's storage may
- * allocate in units the library cannot know (RBD objects: 4 MiB). */
 uint64_t
-fleece_storage_min_job_cluster (const struct fleece_storage *st,
-                                uint64_t fallback)
+fleece_storage_min_job_cluster (const struct fleece_storage *st)
 {
-  return st && st->type == STORAGE_DIR ? 1024 * 1024 : fallback;
+  return st ? st->ops->min_job_cluster (st) : CALLBACK_JOB_CLUSTER;
 }
-
-static bool
-storage_check (const struct fleece_storage *st, GError **err)
-{
-  if (!st) {
-    g_set_error (err, FLEECE_ERROR, EINVAL,
-                 "no storage for fleecing images is set "
-                 "(use fleece_set_storage())");
-    return false;
-  }
-  return true;
-}
-
-/* ---- directory storage ---------------------------------------------- */
-
-static bool
-dir_alloc (struct fleece_storage *st, const char *name, const char *format,
-           uint64_t size, char **volid, bool *unformatted, GError **err)
-{
-  g_autofree char *path = NULL;
-  const char *suffix;
-  bool qcow2 = strcmp (format, "qcow2") == 0;
-
-  if (!check_image_name (name, "image name", err))
-    return false;
-  valid_image_name (name, &suffix);
-  if (suffix && strcmp (suffix, format) != 0) {
-    g_set_error (err, FLEECE_ERROR, EINVAL,
-                 "image name %s does not match its format %s", name, format);
-    return false;
-  }
-  /* qcow2 sizes are whole sectors (qemu-img would silently round up), and
-   * the patched QEMU compares sector counts, so an unaligned size would
-   * surface later as a confusing mismatch.  Drive sizes in Proxmox are
-   * sector multiples. */
-  if (qcow2 && size % 512 != 0) {
-    g_set_error (err, FLEECE_ERROR, EINVAL,
-                 "cannot create qcow2 image %s of %" PRIu64 " bytes: qcow2 "
-                 "sizes must be a multiple of 512 bytes (use raw)", name, size);
-    return false;
-  }
-
-  path = g_build_filename (st->dir, name, NULL);
-  if (!fleece_image_create_file (path, qcow2 ? 0 : size, err))
-    return false;
-  if (qcow2 && unformatted)
-    *unformatted = true;
-  else if (qcow2 && !fleece_image_format_qcow2 (path, size, err)) {
-    unlink (path);
-    return false;
-  }
-
-  *volid = g_strdup (name);
-  return true;
-}
-
-static bool
-dir_free (struct fleece_storage *st, const char *volid, GError **err)
-{
-  g_autofree char *path = NULL;
-
-  if (!check_image_name (volid, "volume id", err))
-    return false;
-  path = g_build_filename (st->dir, volid, NULL);
-  if (unlink (path) != 0 && errno != ENOENT) {
-    int e = errno;
-    g_set_error (err, FLEECE_ERROR, e, "cannot remove image %s: %s", path,
-                 g_strerror (e));
-    return false;
-  }
-  return true;
-}
-
-static char *
-dir_path (struct fleece_storage *st, const char *volid, GError **err)
-{
-  if (!check_image_name (volid, "volume id", err))
-    return NULL;
-  return g_build_filename (st->dir, volid, NULL);
-}
-
-/* ---- callback storage ------------------------------------------------- */
-
-/* The callbacks may set errno; otherwise a failure is reported as EIO. */
-static int
-callback_errno (int saved)
-{
-  return saved ? saved : EIO;
-}
-
-static const char *
-callback_reason (int saved)
-{
-  return saved ? g_strerror (saved) : "no reason given";
-}
-
-static bool
-cb_alloc (struct fleece_storage *st, const char *name, const char *format,
-          uint64_t size, char **volid, GError **err)
-{
-  char *out = NULL;
-  int rc, e;
-
-  errno = 0;
-  rc = st->alloc (st->opaque, name, format, size, &out);
-  e = errno;
-  if (rc != 0) {
-    free (out);
-    g_set_error (err, FLEECE_ERROR, callback_errno (e),
-                 "the storage alloc callback failed for image %s (%s, %"
-                 PRIu64 " bytes): %s", name, format, size,
-                 callback_reason (e));
-    return false;
-  }
-  if (!out || !*out) {
-    free (out);
-    g_set_error (err, FLEECE_ERROR, EIO,
-                 "the storage alloc callback returned success but no volume "
-                 "id for image %s", name);
-    return false;
-  }
-  *volid = g_strdup (out);
-  free (out);
-  return true;
-}
-
-static bool
-cb_free (struct fleece_storage *st, const char *volid, GError **err)
-{
-  int rc, e;
-
-  errno = 0;
-  rc = st->free_image (st->opaque, volid);
-  e = errno;
-  if (rc != 0) {
-    g_set_error (err, FLEECE_ERROR, callback_errno (e),
-                 "the storage free callback failed for volume %s: %s", volid,
-                 callback_reason (e));
-    return false;
-  }
-  return true;
-}
-
-static char *
-cb_path (struct fleece_storage *st, const char *volid, GError **err)
-{
-  char *out;
-  char *ret;
-  int e;
-
-  errno = 0;
-  out = st->path (st->opaque, volid);
-  e = errno;
-  if (!out || !*out) {
-    free (out);
-    g_set_error (err, FLEECE_ERROR, callback_errno (e),
-                 "the storage path callback failed for volume %s: %s", volid,
-                 out ? "it returned an empty path" : callback_reason (e));
-    return NULL;
-  }
-  ret = g_strdup (out);
-  free (out);
-  return ret;
-}
-
-/* ---- the internal interface ------------------------------------------ */
 
 bool
-fleece_storage_alloc_image (struct fleece_storage *st, const char *name,
-                            const char *format, uint64_t size, char **volid,
-                            bool *unformatted, GError **err)
+fleece_storage_check_complete (const struct fleece_storage *st, GError **err)
 {
-  g_return_val_if_fail (volid != NULL, false);
+  return !st->ops->check_complete || st->ops->check_complete (st, err);
+}
 
-  if (unformatted)
-    *unformatted = false;
-  if (!storage_check (st, err))
-    return false;
-  if (!name || !*name) {
-    g_set_error (err, FLEECE_ERROR, EINVAL, "the image name is empty");
-    return false;
-  }
-  if (!format || (strcmp (format, "raw") != 0 && strcmp (format, "qcow2") != 0)) {
-    g_set_error (err, FLEECE_ERROR, EINVAL,
-                 "image %s: format %s is neither raw nor qcow2", name,
-                 format ? format : "(null)");
-    return false;
-  }
+char *
+fleece_storage_pending_name (const struct fleece_storage *st, const char *name,
+                             const char *run)
+{
+  return st->ops->pending_name ? st->ops->pending_name (st, name, run) : NULL;
+}
+
+bool
+fleece_storage_alloc (struct fleece_storage *st, const char *name,
+                      const char *format, uint64_t size, const char *run,
+                      bool may_leave_unformatted, FleeceImage *img,
+                      GError **err)
+{
   if (strcmp (format, "qcow2") == 0 && !(st->flags & FLEECE_STORAGE_QCOW2)) {
     g_set_error (err, FLEECE_ERROR, EINVAL,
                  "image %s: the storage cannot hold qcow2 images", name);
     return false;
   }
-  if (st->type == STORAGE_DIR)
-    return dir_alloc (st, name, format, size, volid, unformatted, err);
-  return cb_alloc (st, name, format, size, volid, err);
+  return st->ops->alloc (st, name, format, size, run, may_leave_unformatted,
+                         img, err);
 }
 
 bool
-fleece_storage_free_image (struct fleece_storage *st, const char *volid,
-                           GError **err)
+fleece_storage_publish (struct fleece_storage *st, const char *name,
+                        FleeceImage *img, GError **err)
 {
-  if (!storage_check (st, err))
-    return false;
-  if (!volid || !*volid) {
-    g_set_error (err, FLEECE_ERROR, EINVAL, "the volume id is empty");
-    return false;
+  if (!st->ops->publish) {
+    if (!img->volid)
+      img->volid = g_strdup (name);
+    return true;
   }
-  if (st->type == STORAGE_DIR)
-    return dir_free (st, volid, err);
-  return cb_free (st, volid, err);
+  return st->ops->publish (st, name, img, err);
+}
+
+void
+fleece_storage_commit (struct fleece_storage *st, FleeceImage *img)
+{
+  if (st->ops->commit)
+    st->ops->commit (st, img);
+}
+
+int
+fleece_storage_remove (struct fleece_storage *st, json_object *entry,
+                       const char *run, GError **err)
+{
+  return st->ops->remove (st, entry, run, err);
+}
+
+json_object *
+fleece_storage_blockdev (struct fleece_storage *st, const char *volid,
+                         const char *node, GError **err)
+{
+  return st->ops->blockdev (st, volid, node, err);
+}
+
+json_object *
+fleece_storage_qemu_objects (struct fleece_storage *st, const char *prefix,
+                             GError **err)
+{
+  return st->ops->qemu_objects ? st->ops->qemu_objects (st, prefix, err) : NULL;
 }
 
 char *
-fleece_storage_image_path (struct fleece_storage *st, const char *volid,
-                           GError **err)
+fleece_storage_path (struct fleece_storage *st, const char *volid, GError **err)
 {
-  if (!storage_check (st, err))
-    return NULL;
-  if (!volid || !*volid) {
-    g_set_error (err, FLEECE_ERROR, EINVAL, "the volume id is empty");
+  if (!st->ops->path) {
+    g_set_error (err, FLEECE_ERROR, ENOTSUP, "the %s storage has no local "
+                 "paths", st->ops->type);
     return NULL;
   }
-  if (st->type == STORAGE_DIR)
-    return dir_path (st, volid, err);
-  return cb_path (st, volid, err);
+  return st->ops->path (st, volid, err);
 }
 
 json_object *
 fleece_storage_describe (const struct fleece_storage *st)
 {
-  json_object *o;
-
-  if (!st)
-    return NULL;
-  o = json_object_new_object ();
-  if (st->type == STORAGE_DIR) {
-    json_object_object_add (o, "type", json_object_new_string ("dir"));
-    json_object_object_add (o, "dir", json_object_new_string (st->dir));
-  } else {
-    json_object_object_add (o, "type", json_object_new_string ("callback"));
-    json_object_object_add (o, "flags", json_object_new_int64 (st->flags));
-  }
-  return o;
+  return st->ops->describe (st);
 }
 
-struct fleece_storage *
-fleece_storage_from_description (json_object *desc, GError **err)
+bool
+fleece_storage_matches (const struct fleece_storage *st, json_object *desc)
 {
-  json_object *type = NULL, *dir = NULL;
-  const char *t;
+  return st && desc && st->ops->matches (st, desc);
+}
 
-  if (!desc || !json_object_is_type (desc, json_type_object) ||
-      !json_object_object_get_ex (desc, "type", &type) ||
-      !json_object_is_type (type, json_type_string)) {
-    g_set_error (err, FLEECE_ERROR, EINVAL,
-                 "the record's storage description is not an object with a "
-                 "\"type\" string");
-    return NULL;
-  }
-  t = json_object_get_string (type);
-  if (strcmp (t, "dir") == 0) {
-    g_autoptr (GError) dir_err = NULL;
-    struct fleece_storage *st;
+char *
+fleece_storage_desc_name (json_object *desc)
+{
+  const char *type = fleece_jstr (desc, "type");
 
-    if (!json_object_object_get_ex (desc, "dir", &dir) ||
-        !json_object_is_type (dir, json_type_string)) {
-      g_set_error (err, FLEECE_ERROR, EINVAL,
-                   "the record's directory storage has no \"dir\" string");
-      return NULL;
-    }
-    st = storage_new_dir (json_object_get_string (dir), &dir_err);
-    if (!st)
-      g_set_error (err, FLEECE_ERROR, dir_err->code,
-                   "cannot rebuild the record's directory storage: %s",
-                   dir_err->message);
-    return st;
-  }
-  if (strcmp (t, "callback") == 0) {
-    g_set_error (err, FLEECE_ERROR, ENOTSUP,
-                 "the images were allocated through the caller's storage "
-                 "callbacks; the caller must set its storage with "
-                 "fleece_set_storage() to clean up");
-    return NULL;
-  }
-  g_set_error (err, FLEECE_ERROR, EINVAL,
-               "the record's storage type \"%s\" is unknown", t);
-  return NULL;
+  if (g_strcmp0 (type, "dir") == 0)
+    return g_strdup_printf ("directory %s", fleece_jstr (desc, "dir"));
+  if (g_strcmp0 (type, "rbd") == 0)
+    return g_strdup_printf ("RBD pool %s%s%s", fleece_jstr (desc, "pool"),
+                            fleece_jstr (desc, "namespace") ? "/" : "",
+                            fleece_jstr (desc, "namespace") ? fleece_jstr (desc, "namespace") : "");
+  if (g_strcmp0 (type, "callback") == 0)
+    return g_strdup_printf ("the caller's storage \"%s\"", fleece_jstr (desc, "id"));
+  return g_strdup ("an unknown storage");
 }

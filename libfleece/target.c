@@ -1,7 +1,12 @@
-/* Backup targets: a directory of images, an NBD server, or (Proxmox engine)
- * the patched QEMU's own backup arguments. */
+/* Backup targets: a directory of images, an NBD server, an open file
+ * descriptor, or (Proxmox engine) the patched QEMU's own backup
+ * arguments. */
 #include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "internal.h"
 #include "target.h"
@@ -22,6 +27,15 @@ fleece_target_new_dir (const char *dir, const char *format)
                       "the target directory %s does not exist", dir);
     return NULL;
   }
+  /* The images get the guest's data and are removed again if the run
+   * fails: nobody else may plant or swap names in the directory. */
+  {
+    g_autoptr (GError) err = NULL;
+    if (!fleece_dir_check_private (dir, "target directory", &err)) {
+      fleece_error_set_gerror (__func__, err);
+      return NULL;
+    }
+  }
   if (!format)
     format = "raw";
   if (strcmp (format, "raw") != 0 && strcmp (format, "qcow2") != 0) {
@@ -32,7 +46,8 @@ fleece_target_new_dir (const char *dir, const char *format)
   }
   t = g_new0 (struct fleece_target, 1);
   t->kind = FLEECE_TARGET_DIR;
-  t->dir = g_strdup (dir);
+  t->fd = -1;
+  t->dir = g_canonicalize_filename (dir, NULL);
   t->format = g_strdup (format);
   return t;
 }
@@ -70,6 +85,7 @@ fleece_target_new_nbd (const char *uri)
 
   t = g_new0 (struct fleece_target, 1);
   t->kind = FLEECE_TARGET_NBD;
+  t->fd = -1;
   if (g_strcmp0 (scheme, "nbd+unix") == 0) {
     const char *query = g_uri_get_query (u);
     g_autoptr (GHashTable) params = NULL;
@@ -84,7 +100,8 @@ fleece_target_new_nbd (const char *uri)
                         "NBD URI '%s' lacks ?socket=PATH", uri);
       return NULL;
     }
-    t->nbd_socket = g_strdup (sock);
+    /* QEMU resolves a relative path against its own working directory. */
+    t->nbd_socket = g_canonicalize_filename (sock, NULL);
   } else if (g_strcmp0 (scheme, "nbd") == 0) {
     const char *host = g_uri_get_host (u);
     int port = g_uri_get_port (u);
@@ -125,8 +142,97 @@ fleece_target_new_pve (const char *json_args)
   }
   t = g_new0 (struct fleece_target, 1);
   t->kind = FLEECE_TARGET_PVE;
+  t->fd = -1;
   t->pve_args = args;
   return t;
+}
+
+FLEECE_API struct fleece_target *
+fleece_target_new_fd (int fd, const char *format)
+{
+  struct fleece_target *t;
+  int flags;
+
+  if (fd < 0 || (flags = fcntl (fd, F_GETFL)) < 0) {
+    fleece_error_set (__func__, EBADF, "invalid file descriptor %d", fd);
+    return NULL;
+  }
+  if (!format || (strcmp (format, "vma") != 0 && strcmp (format, "raw") != 0)) {
+    close (fd);
+    fleece_error_set (__func__, EINVAL, "unknown fd target format '%s': use "
+                      "\"vma\" (Proxmox engine) or \"raw\" (stock engine, "
+                      "one drive)", format ? format : "(null)");
+    return NULL;
+  }
+  if ((flags & O_ACCMODE) == O_RDONLY ||
+      (strcmp (format, "raw") == 0 && (flags & O_ACCMODE) != O_RDWR)) {
+    close (fd);
+    fleece_error_set (__func__, EBADF, "file descriptor %d is not open %s; "
+                      "the backup is written to it%s", fd,
+                      strcmp (format, "raw") == 0 ? "read-write" : "for writing",
+                      strcmp (format, "raw") == 0 ? " (QEMU opens an image "
+                      "read-write)" : "");
+    return NULL;
+  }
+  t = g_new0 (struct fleece_target, 1);
+  t->kind = FLEECE_TARGET_FD;
+  t->fd = fd;
+  t->format = g_strdup (format);
+  return t;
+}
+
+FLEECE_API int
+fleece_target_set_pve_args (struct fleece_target *t, const char *json_args)
+{
+  static const char *const ours[] = { "backup-file", "format", "devlist", "fleecing", NULL };
+  json_object *args;
+
+  if (!t || t->kind != FLEECE_TARGET_FD || strcmp (t->format, "vma") != 0) {
+    fleece_error_set (__func__, EINVAL, "%s", t ? "backup arguments are for "
+                      "\"vma\" fd targets (fleece_target_new_fd()); a Proxmox "
+                      "target takes them in fleece_target_new_pve()"
+                      : "target is NULL");
+    return -1;
+  }
+  args = json_args ? json_tokener_parse (json_args) : NULL;
+  if (!args || !json_object_is_type (args, json_type_object)) {
+    if (args)
+      json_object_put (args);
+    fleece_error_set (__func__, EINVAL, "the backup arguments must be a JSON "
+                      "object, e.g. {\"config-file\": \"/run/vzdump/qemu-server.conf\"}");
+    return -1;
+  }
+  for (size_t i = 0; ours[i]; i++)
+    if (json_object_object_get_ex (args, ours[i], NULL)) {
+      json_object_put (args);
+      fleece_error_set (__func__, EINVAL, "the backup arguments must not "
+                        "contain \"%s\": the fd target sets it", ours[i]);
+      return -1;
+    }
+  if (t->pve_args)
+    json_object_put (t->pve_args);
+  t->pve_args = args;
+  return 0;
+}
+
+FLEECE_API int
+fleece_target_set_base (struct fleece_target *t, const char *base_dir)
+{
+  if (!t || t->kind != FLEECE_TARGET_DIR) {
+    fleece_error_set (__func__, EINVAL, "%s", t ? "a base is for directory "
+                      "targets (fleece_target_new_dir())" : "target is NULL");
+    return -1;
+  }
+  if (base_dir && (!g_path_is_absolute (base_dir) ||
+                   !g_file_test (base_dir, G_FILE_TEST_IS_DIR))) {
+    fleece_error_set (__func__, EINVAL, "the base directory '%s' must be an "
+                      "existing absolute path (the previous backup of the "
+                      "chain)", base_dir);
+    return -1;
+  }
+  g_free (t->base);
+  t->base = base_dir ? g_canonicalize_filename (base_dir, NULL) : NULL;
+  return 0;
 }
 
 FLEECE_API void
@@ -139,8 +245,11 @@ fleece_target_free (struct fleece_target *t)
   g_free (t->uri);
   g_free (t->nbd_socket);
   g_free (t->nbd_host);
+  g_free (t->base);
   if (t->pve_args)
     json_object_put (t->pve_args);
+  if (t->fd >= 0)
+    close (t->fd);
   g_free (t);
 }
 
@@ -162,15 +271,164 @@ fleece_target_describe (const struct fleece_target *t)
   case FLEECE_TARGET_PVE:
     json_object_object_add (o, "type", json_object_new_string ("pve"));
     break;
+  case FLEECE_TARGET_FD:
+    json_object_object_add (o, "type", json_object_new_string ("fd"));
+    json_object_object_add (o, "format", json_object_new_string (t->format));
+    break;
   }
+  if (t->base)
+    json_object_object_add (o, "base", json_object_new_string (t->base));
   return o;
+}
+
+char *
+fleece_target_file_name (const struct fleece_target *t, const char *key)
+{
+  return g_strdup_printf ("%s.%s", key, t->format);
 }
 
 char *
 fleece_target_dir_path (const struct fleece_target *t, const char *key)
 {
-  g_autofree char *name = g_strdup_printf ("%s.%s", key, t->format);
+  g_autofree char *name = fleece_target_file_name (t, key);
   return g_build_filename (t->dir, name, NULL);
+}
+
+/* to (absolute, canonical) as seen from the directory from: "../b/x". */
+static char *
+relative_path (const char *from, const char *to)
+{
+  g_auto (GStrv) f = g_strsplit (from + 1, "/", -1);
+  g_auto (GStrv) t = g_strsplit (to + 1, "/", -1);
+  g_autoptr (GString) r = g_string_new (NULL);
+  guint i = 0, nf = g_strv_length (f), nt = g_strv_length (t);
+
+  if (nf == 1 && !*f[0])
+    nf = 0;                     /* from is "/" */
+  while (i < nf && i + 1 < nt && strcmp (f[i], t[i]) == 0)
+    i++;
+  for (guint j = i; j < nf; j++)
+    g_string_append (r, "../");
+  for (guint j = i; j < nt; j++)
+    g_string_append_printf (r, "%s%s", t[j], j + 1 < nt ? "/" : "");
+  return g_string_free (g_steal_pointer (&r), FALSE);
+}
+
+/* The base image of key: <base>/<key>.qcow2, else <key>.raw.  Relative,
+ * so that the chain can move as a whole, and from the target directory,
+ * since QEMU resolves a backing file against its image's directory. */
+bool
+fleece_target_backing (const struct fleece_target *t, const char *key,
+                       char **backing, const char **backing_fmt,
+                       GError **err)
+{
+  static const char *const fmts[] = { "qcow2", "raw", NULL };
+
+  for (size_t i = 0; fmts[i]; i++) {
+    g_autofree char *name = g_strdup_printf ("%s.%s", key, fmts[i]);
+    g_autofree char *path = g_build_filename (t->base, name, NULL);
+    struct stat sb;
+
+    if (lstat (path, &sb) == 0 && S_ISREG (sb.st_mode)) {
+      *backing = relative_path (t->dir, path);
+      *backing_fmt = fmts[i];
+      return true;
+    }
+  }
+  g_set_error (err, FLEECE_ERROR, ENOENT,
+               "the base %s has no image of %s (%s.qcow2 or %s.raw): is it a "
+               "backup of this VM?", t->base, key, key, key);
+  return false;
+}
+
+static char *
+pending_file_name (const char *name, const char *run)
+{
+  return g_strdup_printf (".%s.%.8s.new", name, run);
+}
+
+bool
+fleece_target_create_file (const struct fleece_target *t, const char *key,
+                           uint64_t size, const char *run, json_object *entry,
+                           GError **err)
+{
+  g_autofree char *name = fleece_target_file_name (t, key);
+  g_autofree char *pending = pending_file_name (name, run);
+  bool qcow2 = strcmp (t->format, "qcow2") == 0;
+  json_object *tf = json_object_new_object (), *id = NULL;
+
+  /* Write-ahead: the pending name proves the file ours until the identity
+   * is in the record. */
+  fleece_jset_str (tf, "dir", t->dir);
+  fleece_jset_str (tf, "name", name);
+  fleece_jset_str (tf, "pending", pending);
+  json_object_object_add (entry, "target-file", tf);
+  /* pending stays until the record holds the identity, so a crash after
+   * the link still leaves a name that proves the file ours. */
+  if (!fleece_file_create (t->dir, pending, qcow2 ? 0 : size, &id, err))
+    return false;
+  json_object_object_add (tf, "identity", id);
+  if (!fleece_file_publish (t->dir, pending, name, err)) {
+    fleece_file_commit (t->dir, pending);
+    json_object_object_del (entry, "target-file");
+    return false;
+  }
+  return true;
+}
+
+void
+fleece_target_commit_file (json_object *entry)
+{
+  json_object *tf = fleece_jobj (entry, "target-file");
+
+  if (tf && fleece_jstr (tf, "pending") && fleece_jobj (tf, "identity")) {
+    fleece_file_commit (fleece_jstr (tf, "dir"), fleece_jstr (tf, "pending"));
+    fleece_jset_str (tf, "pending", NULL);
+  }
+}
+
+/* A record's target file names <key>.raw or <key>.qcow2 of the entry's
+ * drive, the run's own pending name, in a directory only we can change:
+ * a tampered record names nothing else. */
+static bool
+check_target_file (json_object *entry, json_object *tf, const char *run,
+                   GError **err)
+{
+  const char *key = fleece_jstr (entry, "key"), *dir = fleece_jstr (tf, "dir");
+  const char *name = fleece_jstr (tf, "name"), *pending = fleece_jstr (tf, "pending");
+  g_autofree char *raw = g_strdup_printf ("%s.raw", key ? key : "");
+  g_autofree char *qcow2 = g_strdup_printf ("%s.qcow2", key ? key : "");
+  g_autofree char *ours = pending_file_name (name ? name : "", run ? run : "");
+
+  if (!key || !fleece_valid_drive_key (key) || !name ||
+      (strcmp (name, raw) != 0 && strcmp (name, qcow2) != 0) ||
+      (pending && (!run || strcmp (pending, ours) != 0))) {
+    g_set_error (err, FLEECE_ERROR, EINVAL, "the record's target file of %s "
+                 "is not one this library makes (%s, %s): not touching it",
+                 key ? key : "?", name ? name : "?", pending ? pending : "-");
+    return false;
+  }
+  return fleece_dir_check_private (dir, "target directory", err);
+}
+
+int
+fleece_target_remove_file (json_object *entry, const char *run, GError **err)
+{
+  json_object *tf = fleece_jobj (entry, "target-file");
+
+  if (!tf || !json_object_is_type (tf, json_type_object))
+    return 0;
+  if (!check_target_file (entry, tf, run, err))
+    return -1;
+  return fleece_file_remove (fleece_jstr (tf, "dir"), fleece_jstr (tf, "name"),
+                             fleece_jstr (tf, "pending"),
+                             fleece_jobj (tf, "identity"), err);
+}
+
+int
+fleece_target_fd (const struct fleece_target *t)
+{
+  return t->fd;
 }
 
 json_object *
@@ -199,6 +457,8 @@ fleece_target_blockdev (const struct fleece_target *t, const char *key,
     json_object_object_add (o, "file", file_added
                             ? json_object_new_string (file_node)
                             : fleece_target_file_blockdev (t, key, file_node));
+    if (t->base && strcmp (t->format, "qcow2") == 0)
+      json_object_object_add (o, "backing", NULL);
   } else if (t->kind == FLEECE_TARGET_NBD) {
     json_object *server = json_object_new_object ();
 
