@@ -3,7 +3,9 @@
 # Every function the public header declares has its man page MANDIR/<name>.3,
 # every .3 page names (in its NAME section) only functions the header
 # declares, including the one it is named after, and every page formats
-# without warnings when groff is installed.
+# without warnings when groff is installed.  A page may be a link
+# (".so man3/<other>.3", for functions documented together): then the page
+# it points to must exist and name it.
 set -eu
 
 if [ $# -ne 2 ]; then
@@ -65,14 +67,25 @@ fi
 : > "$tmp/undeclared"
 : > "$tmp/unnamed"
 npages=0
+# The page a ".so" link page points to, or the page itself.
+resolve () {
+  so=$(sed -n 's/^\.so[[:space:]]*man3\/\([^[:space:]]*\)$/\1/p' "$1" | head -n 1)
+  if [ -n "$so" ]; then echo "$mandir/$so"; else echo "$1"; fi
+}
+
 for page in "$mandir"/*.3; do
   [ -e "$page" ] || continue
   npages=$((npages + 1))
   base=$(basename "$page" .3)
+  target=$(resolve "$page")
+  if [ ! -f "$target" ]; then
+    echo "$page (links to the missing $target)" >> "$tmp/unnamed"
+    continue
+  fi
   awk '
     /^\.SH/ { if (in_name) exit; if ($2 == "NAME" || $2 == "\"NAME\"") in_name = 1; next }
     in_name && !/^\./ { printf "%s ", $0 }
-  ' "$page" |
+  ' "$target" |
     sed 's/\\-.*//; s/\\f[BIRP]//g; s/,/ /g' |
     awk '{ for (i = 1; i <= NF; i++) print $i }' > "$tmp/names"
   grep -qxF "$base" "$tmp/names" || echo "$page (names: $(tr '\n' ' ' < "$tmp/names"))" >> "$tmp/unnamed"
@@ -95,6 +108,7 @@ fi
 if command -v groff >/dev/null 2>&1; then
   for page in "$mandir"/*.3; do
     [ -e "$page" ] || continue
+    [ "$(resolve "$page")" = "$page" ] || continue   # the target is checked
     if ! groff -man -ww -z -Tutf8 "$page" > "$tmp/warn" 2>&1 || [ -s "$tmp/warn" ]; then
       echo "FAIL: $page has formatting warnings:"
       sed 's/^/  /' "$tmp/warn"

@@ -18,9 +18,15 @@
                    "error '%s' lacks '%s'", fleece_get_error (), (substr)); \
   } while (0)
 
+static int
+store_nothing (void *user_data, uint32_t vmid, const char *json, char **reason)
+{
+  return 0;
+}
+
 START_TEST (test_version)
 {
-  ck_assert_str_eq (fleece_get_version (), "0.1.0");
+  ck_assert_str_eq (fleece_get_version (), "1.0.0");
 }
 END_TEST
 
@@ -64,10 +70,11 @@ START_TEST (test_settings)
   ck_assert_int_eq (fleece_set_plan_flags (h, 0x80), -1);
   ck_assert_error (EINVAL, "unknown plan flags 0x80");
   ck_assert_int_eq (fleece_set_qmp_timeout (h, 0), -1);
-  ck_assert_int_eq (fleece_set_bitmap (h, ""), -1);
+  ck_assert_int_eq (fleece_set_bitmap (h, "", FLEECE_BITMAP_USE), -1);
+  ck_assert_error (EINVAL, "invalid bitmap name");
   ck_assert_int_eq (fleece_set_state_dir (h, ""), -1);
   ck_assert_int_eq (fleece_set_storage (h, NULL), -1);
-  ck_assert_int_eq (fleece_set_record_callback (h, NULL, (fleece_record_store_fn) 1, NULL), -1);
+  ck_assert_int_eq (fleece_set_record_callback (h, NULL, store_nothing, NULL, NULL), -1);
   ck_assert_error (EINVAL, "give both load and store callbacks");
   fleece_free (h);
 }
@@ -79,21 +86,26 @@ START_TEST (test_not_connected)
   g_autofree char *dir = g_dir_make_tmp ("fleece-api-XXXXXX", NULL);
   g_autofree char *sock = g_build_filename (dir, "none.sock", NULL);
 
+  ck_assert_int_eq (fleece_cleanup (h, 0), -1);
+  ck_assert_error (EINVAL, "fleece_set_vmid");
+  ck_assert_int_eq (fleece_set_vmid (h, 100), 0);
   ck_assert_ptr_null (fleece_plan (h));
   ck_assert_error (ENOTCONN, "fleece_plan: not connected");
-  ck_assert_int_eq (fleece_attach (h, NULL), -1);
+  ck_assert_int_eq (fleece_attach (h, NULL, 0), -1);
   ck_assert_error (ENOTCONN, "fleece_attach: not connected");
   ck_assert_int_eq (fleece_wait (h, 0), -1);
   ck_assert_error (EINVAL, "no backup is running");
   ck_assert_int_eq (fleece_cancel (h), -1);
   ck_assert_int_eq (fleece_connect (h, sock), -1);
+  ck_assert_int_eq (fleece_get_errno (), ECONNREFUSED);
   ck_assert_msg (strstr (fleece_get_error (), "fleece_connect: ") == fleece_get_error (),
                  "%s", fleece_get_error ());
   ck_assert_msg (strstr (fleece_get_error (), sock) != NULL, "%s", fleece_get_error ());
+  /* A failed connect leaves the handle unconnected. */
+  ck_assert_ptr_null (fleece_plan (h));
+  ck_assert_error (ENOTCONN, "not connected");
   ck_assert_int_eq (fleece_connect_fd (h, -1), -1);
   ck_assert_error (EBADF, "invalid file descriptor");
-  ck_assert_int_eq (fleece_cleanup (h), -1);
-  ck_assert_error (EINVAL, "fleece_set_vmid");
   fleece_free (h);
   rmdir (dir);
 }
@@ -143,7 +155,7 @@ START_TEST (test_storage_args)
 {
   ck_assert_ptr_null (fleece_storage_new_dir ("relative/dir"));
   ck_assert_int_ne (fleece_get_errno (), 0);
-  ck_assert_ptr_null (fleece_storage_new_callback (0, NULL, NULL, NULL, NULL, NULL));
+  ck_assert_ptr_null (fleece_storage_new_callback (NULL, 0, NULL, NULL));
   ck_assert_int_eq (fleece_get_errno (), EINVAL);
 }
 END_TEST

@@ -1,4 +1,5 @@
-/* Unit tests of the QMP transport against a scripted peer.
+/* Unit tests of the QMP transport (qmp.c) and of the handle's connection
+ * per call (conn.c) against a scripted peer.
  *
  * Each test runs a script in a thread on the other end of a socketpair (or
  * of a unix socket for connect_unix).  The script reads the client's
@@ -8,6 +9,7 @@
  * and the test asserts on it after joining.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -19,6 +21,7 @@
 
 #include <check.h>
 
+#include "internal.h"
 #include "testlib.h"
 
 #define PEER_READ_TIMEOUT_MS 5000
@@ -1311,6 +1314,607 @@ START_TEST (test_schema_masked)
 }
 END_TEST
 
+/* ---- the cancel fd ---------------------------------------------------- */
+
+/* A pipe whose read end becomes readable when the test cancels. */
+typedef struct {
+  int fds[2];
+  int delay_ms;
+  GThread *thread;
+} Canceller;
+
+static void
+canceller_fire (Canceller *c)
+{
+  ck_assert_int_eq (write (c->fds[1], "c", 1), 1);
+}
+
+static gpointer
+canceller_thread (gpointer data)
+{
+  Canceller *c = data;
+
+  g_usleep ((gulong) c->delay_ms * 1000);
+  if (write (c->fds[1], "c", 1) != 1)
+    abort ();
+  return NULL;
+}
+
+/* Readable at once (delay_ms 0) or from another thread after delay_ms. */
+static Canceller *
+canceller_new (int delay_ms)
+{
+  Canceller *c = g_new0 (Canceller, 1);
+
+  ck_assert_int_eq (pipe2 (c->fds, O_CLOEXEC), 0);
+  c->delay_ms = delay_ms;
+  if (delay_ms == 0)
+    canceller_fire (c);
+  else
+    c->thread = g_thread_new ("canceller", canceller_thread, c);
+  return c;
+}
+
+static void
+canceller_free (Canceller *c)
+{
+  if (c->thread)
+    g_thread_join (c->thread);
+  close (c->fds[0]);
+  close (c->fds[1]);
+  g_free (c);
+}
+
+/* A unix socket listening in a scratch dir (backlog as given). */
+static int
+listen_unix (const char *path, int backlog)
+{
+  struct sockaddr_un sun = { .sun_family = AF_UNIX };
+  int fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+  ck_assert_int_ge (fd, 0);
+  g_strlcpy (sun.sun_path, path, sizeof sun.sun_path);
+  ck_assert_int_eq (bind (fd, (struct sockaddr *) &sun, sizeof sun), 0);
+  ck_assert_int_eq (listen (fd, backlog), 0);
+  return fd;
+}
+
+/* Accepted (or connected) and silent until the client lets it go: a
+ * monitor that serves another client. */
+static void
+script_silent (Peer *p)
+{
+  p_wait_go (p);
+}
+
+START_TEST (test_cancel_greeting)
+{
+  Peer *p = peer_start (script_silent, NULL);
+  Canceller *c = canceller_new (0);
+  g_autoptr (FleeceQmp) q = fleece_qmp_new ();
+  g_autoptr (GError) err = NULL;
+  gint64 t0 = now_ms ();
+
+  fleece_qmp_set_cancel_fd (q, c->fds[0]);
+  ck_assert (!fleece_qmp_connect_fd (q, p->client_fd, &err));
+  ck_assert_msg (g_error_matches (err, FLEECE_QMP_ERROR,
+                                  FLEECE_QMP_ERROR_CANCELLED), "%s", err->message);
+  ck_assert_msg (strstr (err->message, "greeting"), "%s", err->message);
+  /* At once, not after the greeting timeout (5 s). */
+  ck_assert_int_lt (now_ms () - t0, 1000);
+  ck_assert (!fleece_qmp_is_connected (q));
+  p_let_go (p);
+  peer_finish (p);
+  canceller_free (c);
+}
+END_TEST
+
+/* A monitor with a full queue of waiting clients refuses connect() with
+ * EAGAIN: the library retries until the greeting timeout, or until the
+ * cancel fd says stop. */
+START_TEST (test_cancel_connect)
+{
+  g_autofree char *dir = tl_tmpdir_new ("qmp-cancel");
+  g_autofree char *path = g_build_filename (dir, "qmp.sock", NULL);
+  struct sockaddr_un sun = { .sun_family = AF_UNIX };
+  int lfd = listen_unix (path, 0);
+  int queued = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  Canceller *c = canceller_new (0);
+  g_autoptr (FleeceQmp) q = fleece_qmp_new ();
+  g_autoptr (GError) err = NULL;
+  gint64 t0;
+
+  /* The one waiting connection a backlog of 0 holds. */
+  g_strlcpy (sun.sun_path, path, sizeof sun.sun_path);
+  ck_assert_int_eq (connect (queued, (struct sockaddr *) &sun, sizeof sun), 0);
+
+  fleece_qmp_set_greeting_timeout (q, 300);
+  t0 = now_ms ();
+  ck_assert (!fleece_qmp_connect_unix (q, path, &err));
+  ck_assert_msg (g_error_matches (err, FLEECE_QMP_ERROR, FLEECE_QMP_ERROR_BUSY),
+                 "%s", err->message);
+  ck_assert_msg (strstr (err->message, "another client holds the QMP monitor"),
+                 "%s", err->message);
+  ck_assert_int_ge (now_ms () - t0, 295);
+  g_clear_error (&err);
+
+  fleece_qmp_set_greeting_timeout (q, 10000);
+  fleece_qmp_set_cancel_fd (q, c->fds[0]);
+  t0 = now_ms ();
+  ck_assert (!fleece_qmp_connect_unix (q, path, &err));
+  ck_assert_msg (g_error_matches (err, FLEECE_QMP_ERROR,
+                                  FLEECE_QMP_ERROR_CANCELLED), "%s", err->message);
+  ck_assert_msg (strstr (err->message, "connecting"), "%s", err->message);
+  ck_assert_int_lt (now_ms () - t0, 1000);
+
+  close (queued);
+  close (lfd);
+  canceller_free (c);
+  tl_tmpdir_free (g_steal_pointer (&dir));
+}
+END_TEST
+
+/* QEMU greets at once; a socket that accepts and stays silent is a monitor
+ * busy with another client (qemu-server, a second fleece): EBUSY in the
+ * greeting timeout, not a hang. */
+START_TEST (test_busy_monitor)
+{
+  g_autofree char *dir = tl_tmpdir_new ("qmp-busy");
+  g_autofree char *path = g_build_filename (dir, "qmp.sock", NULL);
+  Peer *p = peer_new (script_silent, NULL);
+  g_autoptr (FleeceQmp) q = fleece_qmp_new ();
+  g_autoptr (GError) err = NULL;
+  gint64 t0, dt;
+
+  p->listen_fd = listen_unix (path, 1);
+  p->thread = g_thread_new ("qmp-peer", peer_thread, p);
+  fleece_qmp_set_greeting_timeout (q, 400);
+  t0 = now_ms ();
+  ck_assert (!fleece_qmp_connect_unix (q, path, &err));
+  dt = now_ms () - t0;
+  ck_assert_msg (g_error_matches (err, FLEECE_QMP_ERROR, FLEECE_QMP_ERROR_BUSY),
+                 "%s", err->message);
+  ck_assert_msg (strstr (err->message, "another client holds the QMP monitor"),
+                 "%s", err->message);
+  ck_assert_int_ge (dt, 395);
+  ck_assert_int_lt (dt, 3000);
+  ck_assert (!fleece_qmp_is_connected (q));
+  p_let_go (p);
+  peer_finish (p);
+  tl_tmpdir_free (g_steal_pointer (&dir));
+}
+END_TEST
+
+static void
+script_reply_late (Peer *p)
+{
+  g_autofree char *id = NULL;
+  g_autofree char *id2 = NULL;
+
+  p_greet (p);
+  id = p_expect (p, "slow");
+  p_wait_go (p);
+  id2 = p_expect (p, "next");
+  if (id && id2)
+    p_sendf (p, "{\"return\": \"stale\", \"id\": \"%s\"}\n"
+             "{\"return\": \"fresh\", \"id\": \"%s\"}\n", id, id2);
+}
+
+START_TEST (test_cancel_reply)
+{
+  Peer *p = peer_start (script_reply_late, NULL);
+  g_autoptr (FleeceQmp) q = connect_peer (p);
+  g_autoptr (GError) err = NULL;
+  g_autoptr (GError) err2 = NULL;
+  g_autoptr (TJson) ret = NULL;
+  Canceller *c;
+  gint64 t0, dt;
+
+  fleece_qmp_set_timeout (q, 20000);
+  c = canceller_new (200);
+  fleece_qmp_set_cancel_fd (q, c->fds[0]);
+  t0 = now_ms ();
+  ck_assert_ptr_null (fleece_qmp_execute (q, "slow", NULL, &err));
+  dt = now_ms () - t0;
+  ck_assert_msg (g_error_matches (err, FLEECE_QMP_ERROR,
+                                  FLEECE_QMP_ERROR_CANCELLED), "%s", err->message);
+  ck_assert_msg (strstr (err->message, "'slow'"), "%s", err->message);
+  ck_assert_int_ge (dt, 150);
+  ck_assert_int_lt (dt, 3000);
+  /* Its answer comes later and is not taken for the next command's. */
+  p_let_go (p);
+  fleece_qmp_set_cancel_fd (q, -1);
+  ret = fleece_qmp_execute (q, "next", NULL, &err2);
+  ck_assert_msg (ret != NULL, "%s", err2 ? err2->message : "");
+  ck_assert_str_eq (json_object_get_string (ret), "fresh");
+  peer_finish (p);
+  canceller_free (c);
+}
+END_TEST
+
+static void
+script_greet_then_wait (Peer *p)
+{
+  p_greet (p);
+  p_wait_go (p);
+}
+
+START_TEST (test_cancel_event)
+{
+  Peer *p = peer_start (script_greet_then_wait, NULL);
+  g_autoptr (FleeceQmp) q = connect_peer (p);
+  g_autoptr (GError) err = NULL;
+  Canceller *c = canceller_new (200);
+  gint64 t0, dt;
+
+  fleece_qmp_set_cancel_fd (q, c->fds[0]);
+  t0 = now_ms ();
+  ck_assert_ptr_null (fleece_qmp_wait_event (q, NULL, NULL, -1, &err));
+  dt = now_ms () - t0;
+  ck_assert_msg (g_error_matches (err, FLEECE_QMP_ERROR,
+                                  FLEECE_QMP_ERROR_CANCELLED), "%s", err->message);
+  ck_assert_int_ge (dt, 150);
+  ck_assert_int_lt (dt, 3000);
+  p_let_go (p);
+  peer_finish (p);
+  canceller_free (c);
+}
+END_TEST
+
+/* Disarmed (-1), a readable cancel fd changes nothing. */
+START_TEST (test_cancel_disarmed)
+{
+  Peer *p = peer_start (script_greet_and_status, NULL);
+  Canceller *c = canceller_new (0);
+  g_autoptr (FleeceQmp) q = fleece_qmp_new ();
+  g_autoptr (GError) err = NULL;
+  g_autoptr (TJson) ret = NULL;
+
+  fleece_qmp_set_cancel_fd (q, c->fds[0]);
+  fleece_qmp_set_cancel_fd (q, -1);
+  ck_assert_msg (fleece_qmp_connect_fd (q, p->client_fd, &err), "%s",
+                 err ? err->message : "");
+  ret = fleece_qmp_execute (q, "query-status", NULL, &err);
+  ck_assert_msg (ret != NULL, "%s", err ? err->message : "");
+  peer_finish (p);
+  canceller_free (c);
+}
+END_TEST
+
+/* ---- passing an fd (SCM_RIGHTS) ---------------------------------------- */
+
+/* Receive the next bytes with any fd that came along; the bytes go to the
+ * peer's buffer for p_expect.  Returns the fd, or -1 if none came. */
+static int
+p_recv_with_fd (Peer *p)
+{
+  union {
+    char buf[CMSG_SPACE (sizeof (int))];
+    struct cmsghdr align;
+  } control;
+  struct iovec iov = { .iov_base = p->rbuf, .iov_len = sizeof p->rbuf };
+  struct msghdr msg = {
+    .msg_iov = &iov, .msg_iovlen = 1,
+    .msg_control = control.buf, .msg_controllen = sizeof control.buf,
+  };
+  struct pollfd pfd = { .fd = p->fd, .events = POLLIN };
+  struct cmsghdr *cmsg;
+  ssize_t n;
+  int fd = -1;
+
+  if (poll (&pfd, 1, PEER_READ_TIMEOUT_MS) != 1) {
+    p_fail (p, "peer: no request within %d ms", PEER_READ_TIMEOUT_MS);
+    return -1;
+  }
+  n = recvmsg (p->fd, &msg, MSG_CMSG_CLOEXEC);
+  if (n <= 0) {
+    p_fail (p, "peer: recvmsg: %s", n < 0 ? g_strerror (errno) : "EOF");
+    return -1;
+  }
+  p->rpos = 0;
+  p->rlen = (size_t) n;
+  for (cmsg = CMSG_FIRSTHDR (&msg); cmsg; cmsg = CMSG_NXTHDR (&msg, cmsg))
+    if (cmsg->cmsg_level == SOL_SOCKET && cmsg->cmsg_type == SCM_RIGHTS)
+      memcpy (&fd, CMSG_DATA (cmsg), sizeof fd);
+  return fd;
+}
+
+static void
+script_getfd (Peer *p)
+{
+  g_autofree char *id = NULL;
+  json_object *v;
+  int fd;
+
+  p_greet (p);
+  /* A plain command carries no fd. */
+  fd = p_recv_with_fd (p);
+  id = p_expect (p, "query-status");
+  if (fd >= 0) {
+    p_fail (p, "peer: query-status came with fd %d", fd);
+    close (fd);
+  }
+  if (id)
+    p_sendf (p, "{\"return\": {}, \"id\": \"%s\"}\n", id);
+  g_free (id);
+
+  fd = p_recv_with_fd (p);
+  id = p_expect (p, "getfd");
+  if (!id)
+    return;
+  if (!json_object_object_get_ex (p->last_args, "fdname", &v)
+      || strcmp (json_object_get_string (v), "fleece-target") != 0)
+    p_fail (p, "peer: bad getfd arguments %s",
+            json_object_to_json_string (p->last_args));
+  if (fd < 0)
+    p_fail (p, "peer: getfd came without an fd");
+  /* Prove it is the client's pipe: write through it. */
+  else if (write (fd, "via-scm", 7) != 7)
+    p_fail (p, "peer: cannot write to the passed fd: %s", g_strerror (errno));
+  if (fd >= 0)
+    close (fd);
+  p_sendf (p, "{\"return\": {}, \"id\": \"%s\"}\n", id);
+}
+
+START_TEST (test_execute_fd)
+{
+  Peer *p = peer_start (script_getfd, NULL);
+  g_autoptr (FleeceQmp) q = connect_peer (p);
+  g_autoptr (GError) err = NULL;
+  g_autoptr (TJson) r1 = NULL;
+  g_autoptr (TJson) r2 = NULL;
+  char buf[16] = "";
+  int pfd[2];
+
+  ck_assert_int_eq (pipe2 (pfd, O_CLOEXEC), 0);
+  r1 = fleece_qmp_execute (q, "query-status", NULL, &err);
+  ck_assert_msg (r1 != NULL, "%s", err ? err->message : "");
+  r2 = fleece_qmp_execute_fd (q, "getfd",
+                              tl_json ("{\"fdname\": \"fleece-target\"}"),
+                              pfd[1], &err);
+  ck_assert_msg (r2 != NULL, "%s", err ? err->message : "");
+  peer_finish (p);
+  /* The caller's fd stays the caller's: still open here. */
+  ck_assert_int_ne (fcntl (pfd[1], F_GETFD), -1);
+  close (pfd[1]);
+  ck_assert_int_eq (read (pfd[0], buf, sizeof buf - 1), 7);
+  ck_assert_str_eq (buf, "via-scm");
+  close (pfd[0]);
+}
+END_TEST
+
+/* ---- conn.c: a connection per call ---------------------------------------- */
+
+/* Serve n (p->data) connections one after the other; each greets, then
+ * answers every "ping" with the connection's number until the client
+ * lets go.  A "break" request makes it close the connection at once. */
+static void
+script_serve (Peer *p)
+{
+  int n = GPOINTER_TO_INT (p->data);
+
+  for (int conn = 1; conn <= n; conn++) {
+    if (conn > 1) {
+      struct pollfd pfd = { .fd = p->listen_fd, .events = POLLIN };
+
+      close (p->fd);
+      json_tokener_reset (p->tok);
+      p->rpos = p->rlen = 0;
+      if (poll (&pfd, 1, PEER_READ_TIMEOUT_MS) != 1) {
+        p_fail (p, "peer: connection %d never came", conn);
+        return;
+      }
+      p->fd = accept (p->listen_fd, NULL, NULL);
+    }
+    p_greet (p);
+    for (;;) {
+      g_autoptr (TJson) req = p_read (p);
+      json_object *v, *id;
+
+      if (!req)
+        break;
+      json_object_object_get_ex (req, "execute", &v);
+      json_object_object_get_ex (req, "id", &id);
+      if (strcmp (json_object_get_string (v), "break") == 0)
+        break;
+      p_sendf (p, "{\"return\": %d, \"id\": %s}\n", conn,
+               json_object_to_json_string (id));
+    }
+  }
+}
+
+static Peer *
+serve_start (const char *path, int connections)
+{
+  Peer *p = peer_new (script_serve, GINT_TO_POINTER (connections));
+
+  p->listen_fd = listen_unix (path, 4);
+  p->thread = g_thread_new ("qmp-peer", peer_thread, p);
+  return p;
+}
+
+/* The number of the connection that answered a ping. */
+static int
+ping (FleeceConn *c)
+{
+  g_autoptr (GError) err = NULL;
+  g_autoptr (TJson) r = fleece_conn_execute (c, "ping", NULL, &err);
+
+  ck_assert_msg (r != NULL, "%s", err ? err->message : "");
+  return json_object_get_int (r);
+}
+
+START_TEST (test_conn_per_call)
+{
+  g_autofree char *dir = tl_tmpdir_new ("conn");
+  g_autofree char *path = g_build_filename (dir, "qmp.sock", NULL);
+  Peer *p = serve_start (path, 2);
+  g_autoptr (FleeceConn) c = fleece_conn_new ();
+
+  ck_assert (!fleece_conn_configured (c));
+  fleece_conn_set_path (c, path);
+  ck_assert (fleece_conn_configured (c));
+  ck_assert_str_eq (fleece_conn_path (c), path);
+  /* Setting the path connects nobody; the first command does. */
+  ck_assert_uint_eq (fleece_conn_connects (c), 0);
+  ck_assert_int_eq (ping (c), 1);
+  ck_assert_int_eq (ping (c), 1);
+  ck_assert_uint_eq (fleece_conn_connects (c), 1);
+  /* The end of a call lets go of the monitor; the next call connects. */
+  fleece_conn_release (c);
+  ck_assert_int_eq (ping (c), 2);
+  ck_assert_uint_eq (fleece_conn_connects (c), 2);
+  fleece_conn_release (c);
+  peer_finish (p);
+  tl_tmpdir_free (g_steal_pointer (&dir));
+}
+END_TEST
+
+START_TEST (test_conn_reconnect_after_break)
+{
+  g_autofree char *dir = tl_tmpdir_new ("conn");
+  g_autofree char *path = g_build_filename (dir, "qmp.sock", NULL);
+  Peer *p = serve_start (path, 2);
+  g_autoptr (FleeceConn) c = fleece_conn_new ();
+  g_autoptr (GError) err = NULL;
+
+  fleece_conn_set_path (c, path);
+  ck_assert_int_eq (ping (c), 1);
+  ck_assert_ptr_null (fleece_conn_execute (c, "break", NULL, &err));
+  ck_assert_msg (g_error_matches (err, FLEECE_QMP_ERROR, FLEECE_QMP_ERROR_EOF),
+                 "%s", err->message);
+  /* Within the same call: the broken connection is replaced lazily. */
+  ck_assert_int_eq (ping (c), 2);
+  ck_assert_uint_eq (fleece_conn_connects (c), 2);
+  fleece_conn_free (g_steal_pointer (&c));
+  peer_finish (p);
+  tl_tmpdir_free (g_steal_pointer (&dir));
+}
+END_TEST
+
+static void
+script_ping_forever (Peer *p)
+{
+  p_greet (p);
+  for (;;) {
+    g_autoptr (TJson) req = p_read (p);
+    json_object *id;
+
+    if (!req)
+      return;
+    json_object_object_get_ex (req, "id", &id);
+    p_sendf (p, "{\"return\": 7, \"id\": %s}\n",
+             json_object_to_json_string (id));
+  }
+}
+
+/* The caller's fd is kept for the handle's life: release keeps it, and a
+ * broken one is not replaced (there is nowhere to connect to). */
+START_TEST (test_conn_adopted_fd)
+{
+  Peer *p = peer_start (script_ping_forever, NULL);
+  g_autoptr (FleeceConn) c = fleece_conn_new ();
+  g_autoptr (GError) err = NULL;
+
+  ck_assert_msg (fleece_conn_adopt_fd (c, p->client_fd, &err), "%s",
+                 err ? err->message : "");
+  ck_assert (fleece_conn_configured (c));
+  ck_assert_ptr_null (fleece_conn_path (c));
+  ck_assert_int_eq (ping (c), 7);
+  fleece_conn_release (c);
+  ck_assert_int_eq (ping (c), 7);
+  ck_assert_uint_eq (fleece_conn_connects (c), 1);
+  /* The peer goes away (its script ends at EOF; shut our side first). */
+  shutdown (p->client_fd, SHUT_WR);
+  peer_finish (p);
+  ck_assert_ptr_null (fleece_conn_execute (c, "ping", NULL, &err));
+  g_clear_error (&err);
+  ck_assert_ptr_null (fleece_conn_execute (c, "ping", NULL, &err));
+  ck_assert_msg (strstr (err->message, "unusable"), "%s", err->message);
+  ck_assert_uint_eq (fleece_conn_connects (c), 1);
+}
+END_TEST
+
+START_TEST (test_conn_not_configured)
+{
+  g_autoptr (FleeceConn) c = fleece_conn_new ();
+  g_autoptr (GError) err = NULL;
+
+  ck_assert_ptr_null (fleece_conn_execute (c, "ping",
+                                           tl_json ("{\"a\": [1]}"), &err));
+  ck_assert_msg (g_error_matches (err, FLEECE_ERROR, ENOTCONN), "%s",
+                 err->message);
+  ck_assert_msg (strstr (err->message, "fleece_connect()"), "%s", err->message);
+  ck_assert_uint_eq (fleece_conn_connects (c), 0);
+}
+END_TEST
+
+/* Cancelled, a call does not even wait for the monitor's greeting. */
+START_TEST (test_conn_cancel_connect)
+{
+  g_autofree char *dir = tl_tmpdir_new ("conn");
+  g_autofree char *path = g_build_filename (dir, "qmp.sock", NULL);
+  Peer *p = peer_new (script_silent, NULL);
+  Canceller *can = canceller_new (0);
+  g_autoptr (FleeceConn) c = fleece_conn_new ();
+  g_autoptr (GError) err = NULL;
+  gint64 t0;
+
+  p->listen_fd = listen_unix (path, 1);
+  p->thread = g_thread_new ("qmp-peer", peer_thread, p);
+  fleece_conn_set_path (c, path);
+  fleece_conn_set_cancel_fd (c, can->fds[0]);
+  t0 = now_ms ();
+  ck_assert_ptr_null (fleece_conn_execute (c, "ping", NULL, &err));
+  ck_assert_msg (g_error_matches (err, FLEECE_QMP_ERROR,
+                                  FLEECE_QMP_ERROR_CANCELLED), "%s", err->message);
+  ck_assert_int_lt (now_ms () - t0, 1000);
+  ck_assert_uint_eq (fleece_conn_connects (c), 0);
+  p_let_go (p);
+  peer_finish (p);
+  canceller_free (can);
+  tl_tmpdir_free (g_steal_pointer (&dir));
+}
+END_TEST
+
+START_TEST (test_conn_sleep)
+{
+  g_autofree char *dir = tl_tmpdir_new ("conn");
+  g_autofree char *path = g_build_filename (dir, "qmp.sock", NULL);
+  Peer *p = serve_start (path, 2);
+  g_autoptr (FleeceConn) c = fleece_conn_new ();
+  g_autoptr (GError) err = NULL;
+  Canceller *can;
+  gint64 t0, dt;
+
+  fleece_conn_set_path (c, path);
+  ck_assert_int_eq (ping (c), 1);
+  /* A sleep holds nothing: the monitor is let go first. */
+  t0 = now_ms ();
+  ck_assert (fleece_conn_sleep (c, 100, &err));
+  dt = now_ms () - t0;
+  ck_assert_int_ge (dt, 95);
+  ck_assert_int_lt (dt, 2000);
+  ck_assert_int_eq (ping (c), 2);
+
+  /* A cancel wakes it at once. */
+  can = canceller_new (200);
+  fleece_conn_set_cancel_fd (c, can->fds[0]);
+  t0 = now_ms ();
+  ck_assert (!fleece_conn_sleep (c, 20000, &err));
+  dt = now_ms () - t0;
+  ck_assert_msg (g_error_matches (err, FLEECE_QMP_ERROR,
+                                  FLEECE_QMP_ERROR_CANCELLED), "%s",
+                 err ? err->message : "no error");
+  ck_assert_int_ge (dt, 150);
+  ck_assert_int_lt (dt, 3000);
+  canceller_free (can);
+  fleece_conn_free (g_steal_pointer (&c));
+  peer_finish (p);
+  tl_tmpdir_free (g_steal_pointer (&dir));
+}
+END_TEST
+
 static Suite *
 qmp_suite (void)
 {
@@ -1336,6 +1940,27 @@ qmp_suite (void)
   tcase_add_test (tc, test_peer_gone);
   tcase_add_test (tc, test_not_connected);
   tcase_add_test (tc, test_schema_masked);
+  suite_add_tcase (s, tc);
+
+  tc = tcase_create ("cancel");
+  tcase_set_timeout (tc, 30);
+  tcase_add_test (tc, test_cancel_greeting);
+  tcase_add_test (tc, test_cancel_connect);
+  tcase_add_test (tc, test_busy_monitor);
+  tcase_add_test (tc, test_cancel_reply);
+  tcase_add_test (tc, test_cancel_event);
+  tcase_add_test (tc, test_cancel_disarmed);
+  tcase_add_test (tc, test_execute_fd);
+  suite_add_tcase (s, tc);
+
+  tc = tcase_create ("conn");
+  tcase_set_timeout (tc, 30);
+  tcase_add_test (tc, test_conn_per_call);
+  tcase_add_test (tc, test_conn_reconnect_after_break);
+  tcase_add_test (tc, test_conn_adopted_fd);
+  tcase_add_test (tc, test_conn_not_configured);
+  tcase_add_test (tc, test_conn_cancel_connect);
+  tcase_add_test (tc, test_conn_sleep);
   suite_add_tcase (s, tc);
   return s;
 }

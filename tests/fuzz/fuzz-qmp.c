@@ -11,11 +11,13 @@
  *   fleece-3  query-block
  *             (an event, without reading: fleece_qmp_wait_event 0 ms)
  *   fleece-4  human-monitor-command
+ *   fleece-5  getfd                (fleece_qmp_execute_fd: SCM_RIGHTS)
  *
  * Any step may fail; the target checks only that nothing crashes, leaks
  * or hangs (the peer's end is closed after the input, so every read ends).
  * Build and run: tests/fuzz/README in docs/reliability.md. */
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
@@ -71,7 +73,7 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   char *text;
   pthread_t writer;
   Feed f;
-  int sv[2];
+  int sv[2], pfd[2];
 
   if (socketpair (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
     return 0;
@@ -115,6 +117,17 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   text = fleece_qmp_hmp (q, "info block", &err);
   g_free (text);
   g_clear_error (&err);
+
+  if (pipe2 (pfd, O_CLOEXEC) == 0) {
+    r = fleece_qmp_execute_fd (q, "getfd",
+                               json_tokener_parse ("{\"fdname\": \"fleece-fuzz\"}"),
+                               pfd[1], &err);
+    if (r)
+      json_object_put (r);
+    g_clear_error (&err);
+    close (pfd[0]);
+    close (pfd[1]);
+  }
   while ((r = fleece_qmp_take_event (q, NULL, NULL)))
     json_object_put (r);
   (void) fleece_qmp_last_error_class (q);

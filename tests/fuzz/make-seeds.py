@@ -118,9 +118,13 @@ def qmp_seeds(greeting, schema, blocks, hmp):
     sch = j({'return': schema, 'id': 'fleece-2'}) + '\r\n'
     qb = j({'return': blocks, 'id': 'fleece-3'}) + '\r\n'
     hm = j({'return': hmp, 'id': 'fleece-4'}) + '\r\n'
+    gf = '{"return": {}, "id": "fleece-5"}\r\n'
     ev = ('{"timestamp": {"seconds": 1700000000, "microseconds": 1}, "event": '
           '"JOB_STATUS_CHANGE", "data": {"status": "concluded", "id": "fleece-scsi0"}}\r\n')
-    write(QMP_DIR, 'full', g + cap + sch + ev + qb + ev + hm)
+    write(QMP_DIR, 'full', g + cap + sch + ev + qb + ev + hm + gf)
+    write(QMP_DIR, 'getfd-refused', g + cap + sch + qb + hm +
+          '{"error": {"class": "GenericError", "desc": "No file descriptor supplied via '
+          'SCM_RIGHTS"}, "id": "fleece-5"}\r\n')
     write(QMP_DIR, 'greeting-only', g)
     write(QMP_DIR, 'no-greeting', cap + qb)
     write(QMP_DIR, 'error-replies', g + cap +
@@ -179,45 +183,80 @@ def qmp_seeds(greeting, schema, blocks, hmp):
           '{"event": "Y", "data": null}\r\n' + sch)
 
 
+RUN = '2f7c0ee8-5d3c-4b43-a7a1-9f8a5f1e1e11'
+
+
+def drive(key, size, fleeced, image=None, fmt=None, **over):
+    d = {'key': key, 'size': size, 'fleeced': fleeced, 'device': 'drive-' + key,
+         'qdev': '/machine/peripheral/' + key, 'root': '#block314', 'image': image,
+         'format': fmt, 'pending': None, 'volid': image, 'target-file': None}
+    if fleeced:
+        d['identity'] = {'dev': 65024, 'ino': 11003461}
+        d['unformatted'] = True
+    d.update(over)
+    return d
+
+
 def rec(**over):
-    r = {'version': 1, 'vmid': 100, 'engine': 'qemu',
-         'run': '2f7c0ee8-5d3c-4b43-a7a1-9f8a5f1e1e11', 'qmp': '/run/qemu-server/100.qmp',
-         'state': 'attached', 'created': 1700000000,
-         'storage': {'type': 'dir', 'dir': '/var/lib/vz/fleece'}, 'paused-by-us': False,
-         'bitmap': None,
-         'drives': [{'key': 'efidisk0', 'qdev': '/machine/peripheral/efidisk0', 'root': '#block113',
-                     'size': 540672, 'fleeced': False, 'image': None, 'format': None,
-                     'volid': None, 'target-file': None},
-                    {'key': 'scsi0', 'qdev': '/machine/peripheral/scsi0', 'root': '#block314',
-                     'size': 16777216, 'fleeced': True, 'image': 'vm-100-fleece-0.qcow2',
-                     'format': 'qcow2', 'volid': 'vm-100-fleece-0.qcow2', 'target-file': None}]}
+    """A record as lifecycle.c and engine-qemu.c write it (version 2)."""
+    r = {'version': 2, 'vmid': 100, 'engine': 'qemu', 'run': RUN,
+         'qmp': '/run/qemu-server/100.qmp', 'state': 'attached', 'created': 1700000000,
+         'pid': 4242, 'storage': {'type': 'dir', 'dir': '/var/lib/vz/fleece',
+                                  'dev': 65024, 'ino': 11002043},
+         'bitmap': None, 'bitmap-mode': None,
+         'drives': [drive('efidisk0', 540672, False),
+                    drive('scsi0', 16777216, True, 'vm-100-fleece-0.qcow2', 'qcow2')],
+         'paused-by-us': False}
     r.update(over)
     return json.dumps(r, indent=3) + '\n'
 
 
 def record_seeds():
+    target_file = {'dir': '/backup/100', 'name': 'scsi0.raw', 'pending': None,
+                   'identity': {'dev': 65024, 'ino': 11002035}}
     write(REC_DIR, 'qemu-attached', rec())
-    write(REC_DIR, 'qemu-attaching', rec(state='attaching'))
-    write(REC_DIR, 'qemu-starting-paused', rec(state='starting', **{'paused-by-us': True},
-                                                   target={'type': 'dir', 'dir': '/backup',
-                                                           'format': 'raw'}))
-    write(REC_DIR, 'qemu-running-bitmap', rec(state='running', bitmap='b0',
-                                              target={'type': 'nbd', 'uri': 'nbd://h/'}))
+    # Write-ahead: the planned names before the image exists.
+    write(REC_DIR, 'qemu-attaching', rec(state='attaching', drives=[
+        drive('scsi0', 16777216, True, 'vm-100-fleece-0.qcow2', 'qcow2', volid=None,
+              pending='.vm-100-fleece-0.qcow2.2f7c0ee8.new', identity=None)]))
+    write(REC_DIR, 'qemu-starting-paused', rec(
+        state='starting', **{'paused-by-us': True},
+        target={'type': 'dir', 'dir': '/backup/100', 'format': 'raw'},
+        drives=[drive('scsi0', 16777216, True, 'vm-100-fleece-0.qcow2', 'qcow2',
+                      **{'target-file': dict(target_file, pending='.scsi0.raw.2f7c0ee8.new',
+                                             identity=None)})]))
+    write(REC_DIR, 'qemu-running-bitmap', rec(
+        state='running', bitmap='b0', **{'bitmap-mode': 'use', 'bitmap-node': 'n',
+                                          'bitmap-existed': True},
+        target={'type': 'nbd', 'uri': 'nbd://h/'}))
+    write(REC_DIR, 'qemu-running-dir-target', rec(
+        state='running', target={'type': 'dir', 'dir': '/backup/100', 'format': 'raw'},
+        drives=[drive('scsi0', 16777216, True, 'vm-100-fleece-0.qcow2', 'qcow2',
+                      **{'target-file': target_file})]))
     write(REC_DIR, 'qemu-succeeded', rec(state='succeeded'))
-    write(REC_DIR, 'callback-storage', rec(storage={'type': 'callback'}))
+    write(REC_DIR, 'callback-storage', rec(
+        storage={'type': 'callback', 'id': 'pve:local-lvm', 'flags': 3},
+        drives=[drive('scsi0', 16777216, True, 'vm-100-fleece-0', 'raw',
+                      volid='local-lvm:vm-100-fleece-0', identity='local-lvm:vm-100-fleece-0')]))
+    write(REC_DIR, 'rbd-storage', rec(
+        storage={'type': 'rbd', 'pool': 'rbd', 'namespace': None},
+        drives=[drive('scsi0', 16777216, True, 'vm-100-fleece-0', 'raw',
+                      volid='vm-100-fleece-0', identity={'rbd-id': '1f2e3d'})]))
     write(REC_DIR, 'pve', json.dumps({
-        'version': 1, 'vmid': 100, 'engine': 'pve', 'run': 'x', 'qmp': '/run/q.qmp',
-        'state': 'running', 'created': 1, 'storage': {'type': 'dir', 'dir': '/s'},
+        'version': 2, 'vmid': 100, 'engine': 'pve', 'run': RUN, 'qmp': '/run/q.qmp',
+        'state': 'running', 'created': 1, 'pid': 1,
+        'storage': {'type': 'dir', 'dir': '/s', 'dev': 1, 'ino': 2},
         'attach': 'blockdev', 'mode': 'pbs', 'target-id': None, 'backup-uuid': 'u',
-        'drives': [{'key': 'scsi0', 'device': 'drive-scsi0', 'size': 4096, 'fleeced': True,
-                    'image': 'vm-100-fleece-0', 'format': 'raw', 'volid': 'local:vm-100-fleece-0'}]}))
+        'drives': [drive('scsi0', 4096, True, 'vm-100-fleece-0.raw', 'raw')]}))
     write(REC_DIR, 'drives-not-array', rec(drives='scsi0'))
-    write(REC_DIR, 'drive-entries-odd', rec(drives=[None, 1, 'x', [], {'key': 5, 'fleeced': 'yes',
-                                                                       'volid': 7}]))
-    write(REC_DIR, 'no-drives', json.dumps({'version': 1, 'vmid': 100, 'engine': 'qemu'}))
+    write(REC_DIR, 'drive-entries-odd', rec(drives=[
+        None, 1, 'x', [], {'key': 5, 'fleeced': 'yes', 'volid': 7, 'identity': 'x',
+                           'pending': '../x', 'target-file': {'dir': 'rel', 'name': '..'}}]))
+    write(REC_DIR, 'no-drives', json.dumps({'version': 2, 'vmid': 100, 'engine': 'qemu'}))
+    write(REC_DIR, 'version-1', rec(version=1))
     write(REC_DIR, 'other-vm', rec(vmid=101))
     write(REC_DIR, 'truncated', rec()[:200])
-    write(REC_DIR, 'storage-odd', rec(storage={'type': 'dir', 'dir': ['x']}))
+    write(REC_DIR, 'storage-odd', rec(storage={'type': 'dir', 'dir': ['x'], 'dev': 'a'}))
 
 
 def main():
