@@ -6,13 +6,22 @@
  * Listens on LISTEN_SOCKET; every client is connected to UPSTREAM_SOCKET
  * (QEMU's QMP monitor) and the messages are passed through whole, byte for
  * byte.  The library needs no test hooks: the proxy counts the client's
- * commands and, on the connection it was armed for, does one thing at the
- * N-th command (1-based; qmp_capabilities is command 1).
+ * commands and does one thing at the N-th command (1-based) of an armed
+ * session.
+ *
+ * The library connects for each public call (and fleece_wait for each
+ * look at the jobs), so a session spans connections: every connection
+ * accepted after "arm" belongs to it, and N counts the commands of all of
+ * them in order (each connection's qmp_capabilities included), until
+ * "end".  A sequence of library calls is faulted at one point of it.
  *
  * Control, one line each on stdin; answers on stdout:
  *
- *   arm MODE N PID [ARG]  the next accepted connection gets the fault;
- *                         answers "armed".  Modes:
+ *   arm MODE N PID [ARG [NAME]]
+ *                         start a session (ending one still armed without
+ *                         a report); answers "armed".  With NAME, N counts
+ *                         only the commands called NAME, and N = 0 faults
+ *                         every one of them.  Modes:
  *     count      pass everything through, only count
  *     send       SIGKILL PID when the client sends command N (QEMU never
  *                sees it) and drop the connection
@@ -27,16 +36,21 @@
  *                (unknown names, our job ids with wrong states, a
  *                2000-event flood), then forward the reply
  *     delay      hold reply N (and what follows) for ARG ms
+ *     refuse     answer command N with a QMP error (GenericError)
+ *                instead of passing it to QEMU
  *   mask NAME             in replies to query-qmp-schema on later
  *                         connections, drop every enum value, member and
  *                         entity called NAME (a QEMU lacking a feature);
  *                         answers "masked"
  *   unmask                answers "unmasked"
+ *   end                   end the session; answers
+ *     end commands=C connections=K fired=0|1 at=NAME cmds=NAME,NAME,...
+ *                         where C counts the session's commands, K its
+ *                         connections and at names command N ("-" if
+ *                         there were fewer).  Its connections still open
+ *                         pass through from then on.
  *
- * When an armed connection ends, it reports
- *   end commands=C fired=0|1 at=NAME cmds=NAME,NAME,...
- * where C counts the commands seen and at names command N.  Unarmed
- * connections pass through silently.
+ * Connections outside a session pass through silently.
  *
  * It exits when stdin closes.
  */
@@ -64,12 +78,12 @@
 
 typedef enum {
   MODE_NONE, MODE_COUNT, MODE_SEND, MODE_REPLY, MODE_CLOSE, MODE_TRUNCATE,
-  MODE_MALFORMED, MODE_OVERSIZE, MODE_EVENTS, MODE_DELAY,
+  MODE_MALFORMED, MODE_OVERSIZE, MODE_EVENTS, MODE_DELAY, MODE_REFUSE,
 } Mode;
 
 static const char *const mode_names[] = {
   "none", "count", "send", "reply", "close", "truncate", "malformed",
-  "oversize", "events", "delay", NULL,
+  "oversize", "events", "delay", "refuse", NULL,
 };
 
 typedef struct {
@@ -81,29 +95,35 @@ typedef struct {
   bool raw;               /* not JSON any more: forward as is */
 } Dir;
 
+/* The armed session: what to do at which command of the connections
+ * accepted since "arm". */
 typedef struct {
-  bool used;
-  Dir up;                 /* client -> QEMU */
-  Dir down;               /* QEMU -> client */
+  bool active;
   Mode mode;
   unsigned n;
   pid_t pid;
   long arg;
+  char *name;             /* count only commands of this name, or NULL */
+  unsigned named;         /* commands of that name seen */
   unsigned count;         /* commands seen */
-  char *target_id;        /* JSON text of command N's id */
+  unsigned connections;
   bool fired;
-  char *schema_ids;       /* ids of query-qmp-schema commands, as JSON */
   char *cmds;             /* comma separated names, for the report */
-  char *at;
+  char *at;               /* name of command N */
+} Session;
+
+typedef struct {
+  bool used;
+  bool armed;             /* belongs to the session */
+  Dir up;                 /* client -> QEMU */
+  Dir down;               /* QEMU -> client */
+  char *target_id;        /* JSON text of command N's id, if it came here */
+  char *schema_ids;       /* ids of query-qmp-schema commands, as JSON */
   long long hold_until_ms;
-  bool armed;
 } Pair;
 
 static Pair pairs[MAX_PAIRS];
-static Mode next_mode = MODE_NONE;
-static unsigned next_n;
-static pid_t next_pid;
-static long next_arg;
+static Session sess;
 static char *mask_name;
 static const char *upstream_path;
 
@@ -203,25 +223,39 @@ pair_close (Pair *p)
 {
   if (!p->used)
     return;
-  if (p->armed)
-    say ("end commands=%u fired=%d at=%s cmds=%s\n", p->count, p->fired,
-         p->at ? p->at : "-", p->cmds ? p->cmds : "");
   close (p->up.from);
   close (p->up.to);
   dir_free (&p->up);
   dir_free (&p->down);
   free (p->target_id);
   free (p->schema_ids);
-  free (p->cmds);
-  free (p->at);
   memset (p, 0, sizeof *p);
 }
 
 static void
-kill_client (Pair *p)
+kill_client (void)
 {
-  if (p->pid > 0)
-    kill (p->pid, SIGKILL);
+  if (sess.pid > 0)
+    kill (sess.pid, SIGKILL);
+}
+
+/* Report the session and let its connections pass through from now on. */
+static void
+session_end (bool report)
+{
+  if (report)
+    say ("end commands=%u connections=%u fired=%d at=%s cmds=%s\n",
+         sess.count, sess.connections, sess.fired, sess.at ? sess.at : "-",
+         sess.cmds ? sess.cmds : "");
+  for (int i = 0; i < MAX_PAIRS; i++) {
+    pairs[i].armed = false;
+    free (pairs[i].target_id);
+    pairs[i].target_id = NULL;
+  }
+  free (sess.cmds);
+  free (sess.at);
+  free (sess.name);
+  memset (&sess, 0, sizeof sess);
 }
 
 /* ---- schema masking --------------------------------------------------- */
@@ -311,7 +345,7 @@ send_oversize (Pair *p)
 {
   static const char head[] = "{\"return\": \"";
   static const char tail[] = "\"}\r\n";
-  size_t total = (size_t) (p->arg > 0 ? p->arg : 17) * 1024 * 1024;
+  size_t total = (size_t) (sess.arg > 0 ? sess.arg : 17) * 1024 * 1024;
   char *chunk = xrealloc (NULL, 65536);
 
   memset (chunk, 'x', 65536);
@@ -348,34 +382,70 @@ id_text (json_object *msg)
   return xstrdup (json_object_to_json_string_ext (v, JSON_C_TO_STRING_PLAIN));
 }
 
+/* Answer msg with an error in QEMU's place. */
+static bool
+refuse (Pair *p, json_object *msg)
+{
+  char *id = id_text (msg);
+  char *err = NULL;
+  bool ok;
+
+  append_str (&err, "", "{\"error\": {\"class\": \"GenericError\", "
+              "\"desc\": \"fault-proxy: refused\"}");
+  if (id) {
+    append_str (&err, "", ", \"id\": ");
+    append_str (&err, "", id);
+  }
+  append_str (&err, "", "}\r\n");
+  ok = send_all (p->down.to, err, strlen (err));
+  free (err);
+  free (id);
+  if (!ok)
+    pair_close (p);
+  return ok;
+}
+
 /* A message from the client.  Returns false when the pair is gone. */
 static bool
 client_message (Pair *p, json_object *msg, const char *bytes, size_t len)
 {
   const char *cmd = jstr (msg, "execute");
 
-  if (cmd) {
-    p->count++;
-    append_str (&p->cmds, ",", cmd);
-    if (mask_name && strcmp (cmd, "query-qmp-schema") == 0) {
-      char *id = id_text (msg);
-      append_str (&p->schema_ids, " ", id ? id : "null");
-      free (id);
-    }
-    if (p->mode != MODE_NONE && p->mode != MODE_COUNT && p->count == p->n
-        && !p->fired) {
-      p->at = xstrdup (cmd);
-      if (p->mode == MODE_SEND) {
-        p->fired = true;
-        kill_client (p);
+  if (cmd && mask_name && strcmp (cmd, "query-qmp-schema") == 0) {
+    char *id = id_text (msg);
+    append_str (&p->schema_ids, " ", id ? id : "null");
+    free (id);
+  }
+  if (cmd && p->armed) {
+    bool hit;
+
+    sess.count++;
+    append_str (&sess.cmds, ",", cmd);
+    if (sess.name) {
+      hit = strcmp (cmd, sess.name) == 0
+            && (++sess.named == sess.n || sess.n == 0);
+      if (hit && sess.n == 0)
+        sess.fired = false;     /* every one of them */
+    } else
+      hit = sess.count == sess.n;
+    if (hit && !sess.at)
+      sess.at = xstrdup (cmd);
+    if (sess.mode != MODE_COUNT && hit && !sess.fired) {
+      if (sess.mode == MODE_SEND) {
+        sess.fired = true;
+        kill_client ();
         pair_close (p);
         return false;
       }
+      if (sess.mode == MODE_REFUSE) {
+        sess.fired = true;
+        return refuse (p, msg);
+      }
+      free (p->target_id);
       p->target_id = id_text (msg);
       if (!p->target_id)
         p->target_id = xstrdup ("(none)");
-    } else if (p->count == p->n && !p->at)
-      p->at = xstrdup (cmd);
+    }
   }
   if (!send_all (p->up.to, bytes, len)) {
     pair_close (p);
@@ -401,7 +471,7 @@ qemu_message (Pair *p, json_object *msg, const char *bytes, size_t len)
   bool reply = json_object_object_get_ex (msg, "return", NULL)
                || json_object_object_get_ex (msg, "error", NULL);
   char *id = reply ? id_text (msg) : NULL;
-  bool target = reply && p->target_id && !p->fired
+  bool target = reply && p->target_id && !sess.fired
                 && (strcmp (p->target_id, "(none)") == 0
                     || (id && strcmp (id, p->target_id) == 0));
   bool ok = true;
@@ -431,10 +501,10 @@ qemu_message (Pair *p, json_object *msg, const char *bytes, size_t len)
     return FORWARDED;
   }
 
-  p->fired = true;
-  switch (p->mode) {
+  sess.fired = true;
+  switch (sess.mode) {
   case MODE_REPLY:
-    kill_client (p);
+    kill_client ();
     pair_close (p);
     return GONE;
   case MODE_CLOSE:
@@ -459,11 +529,16 @@ qemu_message (Pair *p, json_object *msg, const char *bytes, size_t len)
     break;
   case MODE_DELAY:
     /* This reply and what follows wait in the buffer; see pump(). */
-    p->hold_until_ms = now_ms () + (p->arg > 0 ? p->arg : 1000);
+    p->hold_until_ms = now_ms () + (sess.arg > 0 ? sess.arg : 1000);
     return HOLD;
   default:
     ok = send_all (p->down.to, bytes, len);
     break;
+  }
+  /* Faulting every command of a name: wait for the next one. */
+  if (sess.name && sess.n == 0) {
+    free (p->target_id);
+    p->target_id = NULL;
   }
   if (!ok) {
     pair_close (p);
@@ -608,23 +683,15 @@ accept_client (int lfd)
   if (u < 0) {
     /* QEMU is gone: so is the client's connection, as it would be. */
     close (c);
-    if (next_mode != MODE_NONE) {
-      say ("end commands=0 fired=0 at=- cmds=\n");
-      next_mode = MODE_NONE;
-    }
     return;
   }
   memset (p, 0, sizeof *p);
   p->used = true;
   dir_init (&p->up, c, u);
   dir_init (&p->down, u, c);
-  if (next_mode != MODE_NONE) {
+  if (sess.active) {
     p->armed = true;
-    p->mode = next_mode;
-    p->n = next_n;
-    p->pid = next_pid;
-    p->arg = next_arg;
-    next_mode = MODE_NONE;
+    sess.connections++;
   }
 }
 
@@ -635,19 +702,27 @@ control (char *line)
   unsigned n;
   long pid, arg = 0;
 
-  if (sscanf (line, "arm %31s %u %ld %ld", mode, &n, &pid, &arg) >= 3) {
-    next_mode = MODE_NONE;
+  if (sscanf (line, "arm %31s %u %ld %ld %255s", mode, &n, &pid, &arg, name) >= 3) {
+    Mode m = MODE_NONE;
+
     for (int i = 1; mode_names[i]; i++)
       if (strcmp (mode, mode_names[i]) == 0)
-        next_mode = (Mode) i;
-    if (next_mode == MODE_NONE) {
+        m = (Mode) i;
+    if (m == MODE_NONE) {
       say ("error unknown mode %s\n", mode);
       return;
     }
-    next_n = n;
-    next_pid = (pid_t) pid;
-    next_arg = arg;
+    session_end (false);
+    sess.active = true;
+    sess.mode = m;
+    sess.n = n;
+    sess.pid = (pid_t) pid;
+    sess.arg = arg;
+    if (sscanf (line, "arm %*s %*u %*d %*d %255s", name) == 1)
+      sess.name = xstrdup (name);
     say ("armed\n");
+  } else if (strcmp (line, "end") == 0) {
+    session_end (true);
   } else if (sscanf (line, "mask %255s", name) == 1) {
     free (mask_name);
     mask_name = xstrdup (name);

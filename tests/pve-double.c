@@ -28,10 +28,21 @@
  * <arguments>", the double's own commands to stock QEMU as "  up <command>
  * <arguments>", so tests can check what was sent and in which order.
  *
- * Deviations: the jobs run in parallel (the patched QEMU runs them one
- * after another); backup-cancel returns once the jobs are asked to cancel
- * (the patched QEMU waits for them), so query-backup says "active" a bit
- * longer; only the VMA format; devlist is required. */
+ * It answers as the real patched QEMU (pve-qemu-kvm 10.0.2) was seen to:
+ * the error texts and classes of the backup's checks ("Device
+ * 'drive-scsi0-fleecing' not found", DeviceNotFound; "Size mismatch for
+ * 'drive-scsi0-fleecing' - sector count 65536 != 131072"); one job per
+ * device, named after it, the jobs running one after another, the last
+ * device of devlist first (the others show status "created"); with
+ * fleecing: true drive-efidisk* and drive-tpmstate* never fleeced;
+ * backup-cancel ending the backup before it answers (query-backup then
+ * says status "error", errmsg "backup canceled"); backup-access-setup
+ * wanting a <device>-fleecing for every device, EFI disk included.
+ *
+ * Deviations: a job waiting its turn is a job underneath held at a crawl
+ * (it may copy its first chunk); raw files in place of a VMA archive (only
+ * format vma is taken, devlist is required); node names pvedouble<N>-* in
+ * place of auto-generated ones. */
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -82,7 +93,10 @@ typedef struct {
   uint64_t cluster;   /* its cluster size */
   char *cbw, *snap, *tgt, *tf, *path;
   bool cbw_added, repointed, snap_added, tgt_added, job_started;
+  bool held;          /* waits its turn ("created"): held at a crawl */
+  int64_t speed;      /* the backup's speed, given when its turn comes */
   bool concluded;
+  char *status;       /* the job's last status underneath */
   char *job_error;
   uint64_t done;
   /* backup access */
@@ -353,6 +367,7 @@ dev_free (Dev *v)
   g_free (v->tf);
   g_free (v->path);
   g_free (v->job_error);
+  g_free (v->status);
   g_free (v->bitmap);
   g_free (v->bitmap_action);
   g_free (v);
@@ -485,6 +500,39 @@ backup_finish (void)
   g_clear_pointer (&D.b.devs, g_ptr_array_unref);
 }
 
+/* Job statuses in which a job's own work is over (a grouped transaction
+ * then waits for the others). */
+static bool
+work_over (const char *status)
+{
+  static const char *const over[] = { "waiting", "pending", "aborting", "concluded",
+                                      "null", NULL };
+  return status && g_strv_contains (over, status);
+}
+
+/* The patched QEMU's sequential transaction: once no job runs, the next
+ * one (from the end of devlist) starts. */
+static void
+release_next_job (void)
+{
+  for (guint i = 0; i < D.b.devs->len; i++) {
+    Dev *v = D.b.devs->pdata[i];
+    if (v->job_started && !v->held && !work_over (v->status))
+      return;
+  }
+  for (guint i = D.b.devs->len; i-- > 0;) {
+    Dev *v = D.b.devs->pdata[i];
+    if (v->held) {
+      json_object *a = node_args ("device", v->device);
+
+      v->held = false;
+      json_object_object_add (a, "speed", json_object_new_int64 (v->speed));
+      up_try ("block-job-set-speed", a);
+      return;
+    }
+  }
+}
+
 /* Follow the jobs: progress, and the end once all have concluded. */
 static void
 backup_tick (bool force)
@@ -507,6 +555,8 @@ backup_tick (bool force)
       if (g_strcmp0 (jstr (job, "id"), v->device) != 0)
         continue;
       v->done = (uint64_t) jint (job, "current-progress");
+      g_free (v->status);
+      v->status = g_strdup (jstr (job, "status"));
       if (g_strcmp0 (jstr (job, "status"), "concluded") == 0 && !v->concluded) {
         v->concluded = true;
         v->job_error = g_strdup (jstr (job, "error"));
@@ -518,9 +568,18 @@ backup_tick (bool force)
   D.b.transferred = transferred;
   if (concluded == D.b.devs->len)
     backup_finish ();
+  else
+    release_next_job ();
 }
 
 /* ---- backup --------------------------------------------------------------- */
+
+/* QMP cannot create a job without starting it: a job waiting its turn
+ * starts at this speed (QEMU's rate limit takes at least 10 bytes/s) in
+ * small chunks, so it copies one chunk and then sleeps until its turn
+ * gives it its speed. */
+#define HELD_SPEED 64
+#define HELD_CHUNK (64 * 1024)
 
 static json_object *
 blockdev_backup_action (Dev *v, int64_t speed, int64_t max_workers)
@@ -534,8 +593,13 @@ blockdev_backup_action (Dev *v, int64_t speed, int64_t max_workers)
   jset_str (a, "target", v->tgt);
   jset_str (a, "sync", "full");
   json_object_object_add (a, "auto-dismiss", json_object_new_boolean (false));
-  if (speed > 0)
+  v->speed = MAX (speed, 0);
+  if (v->held)
+    json_object_object_add (a, "speed", json_object_new_int64 (HELD_SPEED));
+  else if (speed > 0)
     json_object_object_add (a, "speed", json_object_new_int64 (speed));
+  if (v->held && !v->fleecing)
+    json_object_object_add (perf, "max-chunk", json_object_new_int64 (HELD_CHUNK));
   if (max_workers > 0)
     json_object_object_add (perf, "max-workers", json_object_new_int64 (max_workers));
   if (v->fleecing) {
@@ -653,6 +717,10 @@ setup_jobs (GPtrArray *devs, int64_t speed, int64_t max_workers, GError **err)
       goto out;
   }
 
+  /* One after another, the last device first (job_txn_new_seq adds each
+   * job at the head): all but that one wait their turn. */
+  for (guint i = 0; i + 1 < devs->len; i++)
+    ((Dev *) devs->pdata[i])->held = true;
   targs = json_object_new_object ();
   actions = json_object_new_array ();
   props = json_object_new_object ();
@@ -1084,10 +1152,13 @@ handle_query_backup (json_object *args, GError **err)
   json_object *r = json_object_new_object ();
 
   backup_tick (true);
+  /* Before any backup the patched QEMU has only this. */
+  json_object_object_add (r, "finishing", json_object_new_boolean (false));
   if (!D.b.start_time)
     return r;
   json_object_object_add (r, "start-time", json_object_new_int64 (D.b.start_time));
-  jset_str (r, "backup-file", D.b.backup_file);
+  if (D.b.backup_file)
+    jset_str (r, "backup-file", D.b.backup_file);
   jset_str (r, "uuid", D.b.uuid);
   if (D.b.end_time) {
     jset_str (r, "status", D.b.error ? "error" : "done");
@@ -1102,24 +1173,57 @@ handle_query_backup (json_object *args, GError **err)
   json_object_object_add (r, "zero-bytes", json_object_new_int64 (0));
   json_object_object_add (r, "transferred", json_object_new_int64 ((int64_t) D.b.transferred));
   json_object_object_add (r, "reused", json_object_new_int64 (0));
-  json_object_object_add (r, "finishing", json_object_new_boolean (false));
   return r;
 }
 
 /* The patched QEMU records "backup canceled" as the error even when no
- * backup runs; then it cancels the jobs. */
+ * backup runs; then it cancels the jobs and waits for them (job_cancel_sync
+ * in a bottom half), and the backup ends right after: query-backup then
+ * says "error", "backup canceled". */
 static json_object *
 handle_backup_cancel (json_object *args, GError **err)
 {
+  gint64 deadline = g_get_monotonic_time () + 60 * G_USEC_PER_SEC;
+
   if (D.b.start_time)
     backup_set_error ("backup canceled");
+  if (!D.b.devs || D.b.access)
+    return json_object_new_object ();
+  for (guint i = 0; i < D.b.devs->len; i++) {
+    Dev *v = D.b.devs->pdata[i];
+    if (v->job_started && !v->concluded)
+      up_try ("job-cancel", node_args ("id", v->device));
+    v->held = false;
+  }
+  while (D.b.devs && g_get_monotonic_time () < deadline) {
+    backup_tick (true);
+    if (D.b.devs)
+      g_usleep (20 * 1000);
+  }
   if (D.b.devs)
+    logf_ ("backup %s: the jobs did not end within 60 s of the cancel", D.b.uuid);
+  return json_object_new_object ();
+}
+
+/* Jobs waiting their turn show status "created" and no progress, as in
+ * the patched QEMU's sequential transaction. */
+static json_object *
+handle_query_jobs (json_object *args, GError **err)
+{
+  json_object *r = up ("query-jobs", NULL, err);
+
+  for (size_t j = 0; r && D.b.devs && j < json_object_array_length (r); j++) {
+    json_object *job = json_object_array_get_idx (r, j);
+
     for (guint i = 0; i < D.b.devs->len; i++) {
       Dev *v = D.b.devs->pdata[i];
-      if (v->job_started && !v->concluded)
-        up_try ("job-cancel", node_args ("id", v->device));
+      if (v->held && g_strcmp0 (jstr (job, "id"), v->device) == 0) {
+        jset_str (job, "status", "created");
+        json_object_object_add (job, "current-progress", json_object_new_int64 (0));
+      }
     }
-  return json_object_new_object ();
+  }
+  return r;
 }
 
 static json_object *
@@ -1276,6 +1380,7 @@ static const struct {
   { "backup", handle_backup },
   { "query-backup", handle_query_backup },
   { "backup-cancel", handle_backup_cancel },
+  { "query-jobs", handle_query_jobs },
   { "backup-access-setup", handle_backup_access_setup },
   { "backup-access-teardown", handle_backup_access_teardown },
   { "blockdev-del", handle_blockdev_del },

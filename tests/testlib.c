@@ -2,11 +2,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
+#include <inttypes.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -390,42 +392,45 @@ virtual_size (const char *path, const char *format)
   return size;
 }
 
+/* A raw file of exactly size bytes holding the pattern: no qemu-img run
+ * (each costs ~0.1 s, and a VM has several disks). */
+static void
+make_raw (const char *path, uint64_t size, unsigned seed)
+{
+  int fd = open (path, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0600);
+
+  ck_assert_msg (fd >= 0, "cannot create %s: %s", path, g_strerror (errno));
+  ck_assert_msg (ftruncate (fd, (off_t) size) == 0, "%s: %s", path, g_strerror (errno));
+  close (fd);
+  write_pattern (path, size, seed);
+}
+
 char *
 tl_make_image (TlQemu *q, const char *name, const char *format,
                uint64_t size, unsigned seed)
 {
   char *path = g_build_filename (q->dir, name, NULL);
-  g_autofree char *size_str = g_strdup_printf ("%" G_GUINT64_FORMAT,
-                                               (guint64) size);
-  uint64_t vsize;
 
   if (strcmp (format, "raw") == 0) {
-    const char *create[] = { "qemu-img", "create", "-q", "-f", "raw", path,
-                             size_str, NULL };
-
-    run_tool (create);
-    write_pattern (path, size, seed);
+    make_raw (path, size, seed);
   } else {
     /* Write the pattern into a raw file and convert: one qemu-img run
      * instead of one qemu-io write per block, and convert keeps the exact
-     * virtual size. */
+     * virtual size (a qcow2 image's is a multiple of 512). */
     g_autofree char *raw = g_strdup_printf ("%s.tl-raw", path);
-    const char *create[] = { "qemu-img", "create", "-q", "-f", "raw", raw,
-                             size_str, NULL };
     const char *convert[] = { "qemu-img", "convert", "-q", "-f", "raw",
                               "-O", format, raw, path, NULL };
+    uint64_t vsize;
 
-    run_tool (create);
-    write_pattern (raw, size, seed);
+    ck_assert_msg (size % 512 == 0, "%s: a %s image's size is a multiple of 512, "
+                   "not %" G_GUINT64_FORMAT, path, format, (guint64) size);
+    make_raw (raw, size, seed);
     run_tool (convert);
     g_unlink (raw);
+    vsize = virtual_size (path, format);
+    ck_assert_msg (vsize == size, "%s: virtual size %" G_GUINT64_FORMAT " != %"
+                   G_GUINT64_FORMAT " bytes", path, (guint64) vsize, (guint64) size);
   }
-
-  vsize = virtual_size (path, format);
-  ck_assert_msg (vsize == size,
-                 "%s: virtual size %" G_GUINT64_FORMAT " != %" G_GUINT64_FORMAT
-                 " bytes (qcow2 needs a multiple of 512)", path,
-                 (guint64) vsize, (guint64) size);
   return path;
 }
 
@@ -455,10 +460,84 @@ tl_vm_new (const char *tag, const TlDisk *disks, size_t ndisks,
   return vm;
 }
 
-void
-tl_vm_start (TlVm *vm, const char *const *extra_args)
+/* The firmware code for a VM with an EFI disk: zeroes of OVMF_CODE_4M's
+ * size (the guest never runs). */
+static char *
+pflash_code (TlVm *vm)
+{
+  char *path = g_build_filename (vm->dir, "pflash0-code.fd", NULL);
+  int fd = open (path, O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
+
+  ck_assert_msg (fd >= 0 && ftruncate (fd, 3653632) == 0, "%s: %s", path,
+                 g_strerror (errno));
+  close (fd);
+  return path;
+}
+
+/* qemu-server 8's shape: -drive if=none,id=drive-<key> and the device, the
+ * EFI disk as -drive if=pflash,unit=1. */
+static void
+drive_args (TlVm *vm, size_t i, const char *code, GPtrArray *args)
+{
+  const TlDisk *d = &vm->disks[i];
+
+  g_ptr_array_add (args, g_strdup ("-drive"));
+  if (strcmp (d->bus, "pflash") == 0) {
+    g_ptr_array_add (args, g_strdup_printf (
+      "if=pflash,unit=0,format=raw,readonly=on,file=%s", code));
+    g_ptr_array_add (args, g_strdup ("-drive"));
+    g_ptr_array_add (args, g_strdup_printf (
+      "if=pflash,unit=1,id=drive-%s,format=%s,file=%s", d->key, d->format,
+      vm->paths[i]));
+    return;
+  }
+  g_ptr_array_add (args, g_strdup_printf (
+    "file=%s,if=none,id=drive-%s,format=%s,discard=unmap",
+    vm->paths[i], d->key, d->format));
+}
+
+/* qemu-server 9's shape: a throttle node drive-<key> (in its own throttle
+ * group) over the format node f<key> over the file node e<key>; devices
+ * attach by node name, the EFI disk is -machine pflash1. */
+static void
+blockdev_args (TlVm *vm, size_t i, const char *code, GPtrArray *args)
+{
+  const TlDisk *d = &vm->disks[i];
+  const char *discard = strcmp (d->bus, "pflash") == 0 ? "ignore" : "unmap";
+
+  if (strcmp (d->bus, "pflash") == 0) {
+    g_ptr_array_add (args, g_strdup ("-blockdev"));
+    g_ptr_array_add (args, g_strdup_printf (
+      "{\"driver\":\"raw\",\"file\":{\"driver\":\"file\",\"filename\":\"%s\"},"
+      "\"node-name\":\"pflash0\",\"read-only\":true}", code));
+    g_ptr_array_add (args, g_strdup ("-machine"));
+    g_ptr_array_add (args, g_strdup_printf ("pflash0=pflash0,pflash1=drive-%s", d->key));
+  }
+  g_ptr_array_add (args, g_strdup ("-object"));
+  g_ptr_array_add (args, g_strdup_printf (
+    "{\"id\":\"throttle-drive-%s\",\"limits\":{},\"qom-type\":\"throttle-group\"}",
+    d->key));
+  g_ptr_array_add (args, g_strdup ("-blockdev"));
+  g_ptr_array_add (args, g_strdup_printf (
+    "{\"detect-zeroes\":\"%s\",\"discard\":\"%s\",\"driver\":\"throttle\","
+    "\"file\":{\"cache\":{\"direct\":false,\"no-flush\":false},\"detect-zeroes\":\"%s\","
+    "\"discard\":\"%s\",\"driver\":\"%s\",\"file\":{\"aio\":\"threads\","
+    "\"cache\":{\"direct\":false,\"no-flush\":false},\"detect-zeroes\":\"%s\","
+    "\"discard\":\"%s\",\"driver\":\"file\",\"filename\":\"%s\",\"node-name\":\"e%s\","
+    "\"read-only\":false},\"node-name\":\"f%s\",\"read-only\":false},"
+    "\"node-name\":\"drive-%s\",\"read-only\":false,"
+    "\"throttle-group\":\"throttle-drive-%s\"}",
+    strcmp (discard, "unmap") == 0 ? "unmap" : "on", discard,
+    strcmp (discard, "unmap") == 0 ? "unmap" : "on", discard, d->format,
+    strcmp (discard, "unmap") == 0 ? "unmap" : "on", discard, vm->paths[i],
+    d->key, d->key, d->key, d->key));
+}
+
+static void
+vm_start (TlVm *vm, bool blockdev, const char *const *extra_args)
 {
   g_autoptr (GPtrArray) args = g_ptr_array_new_with_free_func (g_free);
+  g_autofree char *code = NULL;
   bool scsi = false;
 
   for (size_t i = 0; i < vm->ndisks; i++) {
@@ -466,10 +545,13 @@ tl_vm_start (TlVm *vm, const char *const *extra_args)
 
     if (strcmp (d->bus, "none") == 0)
       continue;
-    g_ptr_array_add (args, g_strdup ("-drive"));
-    g_ptr_array_add (args, g_strdup_printf (
-      "file=%s,if=none,id=drive-%s,format=%s,discard=unmap",
-      vm->paths[i], d->key, d->format));
+    if (strcmp (d->bus, "pflash") == 0) {
+      ck_assert_msg (!code, "one pflash disk per VM");
+      code = pflash_code (vm);
+    }
+    (blockdev ? blockdev_args : drive_args) (vm, i, code, args);
+    if (strcmp (d->bus, "pflash") == 0)
+      continue;
     /* One controller for all SCSI disks, as Proxmox's scsihw. */
     if (strcmp (d->bus, "scsi") == 0 && !scsi) {
       g_ptr_array_add (args, g_strdup ("-device"));
@@ -479,7 +561,8 @@ tl_vm_start (TlVm *vm, const char *const *extra_args)
     g_ptr_array_add (args, g_strdup ("-device"));
     if (strcmp (d->bus, "scsi") == 0)
       g_ptr_array_add (args, g_strdup_printf (
-        "scsi-hd,bus=scsihw0.0,drive=drive-%s,id=%s", d->key, d->key));
+        "scsi-hd,bus=scsihw0.0,drive=drive-%s,id=%s%s%s", d->key, d->key,
+        blockdev ? ",device_id=drive-" : "", blockdev ? d->key : ""));
     else
       g_ptr_array_add (args, g_strdup_printf (
         "virtio-blk-pci,drive=drive-%s,id=%s", d->key, d->key));
@@ -493,7 +576,53 @@ tl_vm_start (TlVm *vm, const char *const *extra_args)
   vm->state = g_build_filename (vm->dir, "state", NULL);
   ck_assert_int_eq (g_mkdir (vm->storage, 0700), 0);
   ck_assert_int_eq (g_mkdir (vm->target, 0700), 0);
+  tl_vm_record_before (vm);
+}
+
+void
+tl_vm_start (TlVm *vm, const char *const *extra_args)
+{
+  vm_start (vm, false, extra_args);
+}
+
+void
+tl_vm_start_blockdev (TlVm *vm, const char *const *extra_args)
+{
+  vm_start (vm, true, extra_args);
+}
+
+void
+tl_vm_record_before (TlVm *vm)
+{
+  g_strfreev (vm->nodes_before);
+  g_strfreev (vm->roots_before);
+  g_free (vm->graph_before);
   vm->nodes_before = tl_node_names (vm->q);
+  vm->roots_before = tl_device_roots (vm->q);
+  vm->graph_before = tl_block_graph (vm->q);
+}
+
+uint64_t
+tl_vm_overwrite_tail (TlVm *vm, unsigned pattern)
+{
+  uint64_t total = 0;
+
+  for (size_t i = 0; i < vm->ndisks; i++) {
+    const TlDisk *d = &vm->disks[i];
+    uint64_t len = MIN ((uint64_t) 1024 * 1024, d->size / 2);
+    uint64_t off = (d->size - len) & ~(uint64_t) 4095;
+    g_autofree char *cmd = NULL;
+
+    if (strcmp (d->bus, "none") == 0)
+      continue;
+    /* qemu-io through a device writes whole sectors. */
+    len = (d->size - off) & ~(uint64_t) 511;
+    cmd = g_strdup_printf ("write -P 0x%02x %" G_GUINT64_FORMAT " %"
+                           G_GUINT64_FORMAT, pattern, off, len);
+    tl_guest_io (vm->q, tl_disk_qdev (d), cmd);
+    total += len;
+  }
+  return total;
 }
 
 static void
@@ -503,7 +632,7 @@ die_with_parent (gpointer data)
 }
 
 GPid
-tl_vm_nbd_target (TlVm *vm, char **uri)
+tl_vm_nbd_target_sized (TlVm *vm, const char *key, int64_t delta, char **uri)
 {
   g_autofree char *sock = g_build_filename (vm->dir, "nbd.sock", NULL);
   g_autoptr (GPtrArray) argv = g_ptr_array_new_with_free_func (g_free);
@@ -515,8 +644,11 @@ tl_vm_nbd_target (TlVm *vm, char **uri)
   for (size_t i = 0; i < vm->ndisks; i++) {
     g_autofree char *file = g_strdup_printf ("%s/%s.raw", vm->target, vm->disks[i].key);
     int fd = open (file, O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
+    int64_t size = (int64_t) vm->disks[i].size;
 
-    ck_assert (fd >= 0 && ftruncate (fd, (off_t) vm->disks[i].size) == 0);
+    if (key && strcmp (key, vm->disks[i].key) == 0)
+      size += delta;
+    ck_assert (fd >= 0 && ftruncate (fd, (off_t) size) == 0);
     close (fd);
     g_ptr_array_add (argv, g_strdup ("--blockdev"));
     g_ptr_array_add (argv, g_strdup_printf ("driver=file,filename=%s,node-name=n%zu", file, i));
@@ -533,6 +665,12 @@ tl_vm_nbd_target (TlVm *vm, char **uri)
   ck_assert_msg (g_file_test (sock, G_FILE_TEST_EXISTS), "qemu-storage-daemon made no %s", sock);
   *uri = g_strdup_printf ("nbd+unix:///?socket=%s", sock);
   return qsd;
+}
+
+GPid
+tl_vm_nbd_target (TlVm *vm, char **uri)
+{
+  return tl_vm_nbd_target_sized (vm, NULL, 0, uri);
 }
 
 guint8 **
@@ -567,6 +705,8 @@ tl_vm_stop (TlVm *vm)
   g_free (vm->target);
   g_free (vm->state);
   g_strfreev (vm->nodes_before);
+  g_strfreev (vm->roots_before);
+  g_free (vm->graph_before);
   tl_tmpdir_free (vm->dir);
   g_free (vm);
 }
@@ -576,6 +716,8 @@ tl_disk_qdev (const TlDisk *d)
 {
   static char buf[128];
 
+  if (strcmp (d->bus, "pflash") == 0)
+    return "/machine/system.flash1";
   if (strcmp (d->bus, "virtio") != 0)
     return d->key;
   g_snprintf (buf, sizeof buf, "/machine/peripheral/%s/virtio-backend",
@@ -657,7 +799,8 @@ tl_guest_io (TlQemu *q, const char *qdev, const char *io_command)
   goffset before = log_size (q);
   static const char *const bad[] = {
     "failed", "Error", "error", "not found", "Invalid", "invalid",
-    "Cannot", "cannot", "No such", "Unknown", "unknown", NULL,
+    "Cannot", "cannot", "No such", "Unknown", "unknown",
+    "Permission conflict", NULL,
   };
 
   ck_assert_msg (!strchr (io_command, '"'), "quote in qemu-io command %s",
@@ -839,4 +982,385 @@ tl_allocated_bytes (const char *path)
   ck_assert_msg (stat (path, &st) == 0, "stat %s: %s", path,
                  g_strerror (errno));
   return (uint64_t) st.st_blocks * 512;
+}
+
+/* ---- the block graph ------------------------------------------------ */
+
+char **
+tl_device_roots (TlQemu *q)
+{
+  json_object *blocks = tl_qmp (q, "query-block", NULL);
+  GPtrArray *roots = g_ptr_array_new ();
+
+  ck_assert (json_object_is_type (blocks, json_type_array));
+  for (size_t i = 0; i < json_object_array_length (blocks); i++) {
+    json_object *b = json_object_array_get_idx (blocks, i);
+    json_object *qdev = NULL, *dev = NULL, *inserted, *node;
+    const char *who;
+
+    if (!json_object_object_get_ex (b, "inserted", &inserted)
+        || !json_object_object_get_ex (inserted, "node-name", &node))
+      continue;
+    json_object_object_get_ex (b, "qdev", &qdev);
+    json_object_object_get_ex (b, "device", &dev);
+    who = qdev && *json_object_get_string (qdev) ? json_object_get_string (qdev)
+                                                 : json_object_get_string (dev);
+    g_ptr_array_add (roots, g_strdup_printf ("%s=%s", who,
+                                             json_object_get_string (node)));
+  }
+  json_object_put (blocks);
+  return sorted_strv (roots);
+}
+
+static const char *
+jstr_or (json_object *o, const char *key, const char *dflt)
+{
+  json_object *v;
+
+  if (!json_object_object_get_ex (o, key, &v) || !json_object_is_type (v, json_type_string))
+    return dflt;
+  return json_object_get_string (v);
+}
+
+static char *
+perm_list (json_object *edge, const char *key)
+{
+  json_object *perms;
+  g_autoptr (GPtrArray) names = g_ptr_array_new ();
+
+  if (json_object_object_get_ex (edge, key, &perms))
+    for (size_t i = 0; i < json_object_array_length (perms); i++)
+      g_ptr_array_add (names, (char *) json_object_get_string (
+                         json_object_array_get_idx (perms, i)));
+  g_ptr_array_sort (names, compare_strings);
+  g_ptr_array_add (names, NULL);
+  return g_strjoinv ("|", (char **) names->pdata);
+}
+
+/* Graph node id -> a stable name: the node name, the job id, or for an
+ * anonymous BlockBackend (a -blockdev device's) "bb(<its root child>)". */
+static GHashTable *
+graph_names (json_object *graph)
+{
+  GHashTable *names = g_hash_table_new_full (g_int64_hash, g_int64_equal, g_free, g_free);
+  json_object *nodes, *edges;
+
+  json_object_object_get_ex (graph, "nodes", &nodes);
+  json_object_object_get_ex (graph, "edges", &edges);
+  for (size_t i = 0; i < json_object_array_length (nodes); i++) {
+    json_object *n = json_object_array_get_idx (nodes, i), *id;
+    gint64 *key = g_new (gint64, 1);
+
+    json_object_object_get_ex (n, "id", &id);
+    *key = json_object_get_int64 (id);
+    g_hash_table_insert (names, key, g_strdup (jstr_or (n, "name", "")));
+  }
+  for (size_t i = 0; i < json_object_array_length (edges); i++) {
+    json_object *e = json_object_array_get_idx (edges, i), *parent, *child;
+    gint64 p, c;
+    const char *pname;
+
+    json_object_object_get_ex (e, "parent", &parent);
+    json_object_object_get_ex (e, "child", &child);
+    p = json_object_get_int64 (parent);
+    c = json_object_get_int64 (child);
+    pname = g_hash_table_lookup (names, &p);
+    if (pname && !*pname && g_hash_table_lookup (names, &c)) {
+      gint64 *key = g_new (gint64, 1);
+
+      *key = p;
+      g_hash_table_insert (names, key, g_strdup_printf (
+        "bb(%s)", (char *) g_hash_table_lookup (names, &c)));
+    }
+  }
+  return names;
+}
+
+/* node name -> driver, from query-named-block-nodes. */
+static GHashTable *
+node_drivers (TlQemu *q)
+{
+  json_object *nodes = tl_qmp (q, "query-named-block-nodes", tl_json ("{\"flat\": true}"));
+  GHashTable *drv = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, g_free);
+
+  for (size_t i = 0; i < json_object_array_length (nodes); i++) {
+    json_object *n = json_object_array_get_idx (nodes, i);
+
+    g_hash_table_insert (drv, g_strdup (jstr_or (n, "node-name", "")),
+                         g_strdup (jstr_or (n, "drv", "?")));
+  }
+  json_object_put (nodes);
+  return drv;
+}
+
+char *
+tl_block_graph (TlQemu *q)
+{
+  json_object *graph = tl_qmp (q, "x-debug-query-block-graph", NULL), *nodes, *edges;
+  g_autoptr (GHashTable) names = graph_names (graph);
+  g_autoptr (GHashTable) drivers = node_drivers (q);
+  g_autoptr (GPtrArray) lines = g_ptr_array_new_with_free_func (g_free);
+  GString *out = g_string_new (NULL);
+
+  json_object_object_get_ex (graph, "nodes", &nodes);
+  json_object_object_get_ex (graph, "edges", &edges);
+  for (size_t i = 0; i < json_object_array_length (nodes); i++) {
+    json_object *n = json_object_array_get_idx (nodes, i), *id;
+    gint64 key;
+    const char *name;
+
+    json_object_object_get_ex (n, "id", &id);
+    key = json_object_get_int64 (id);
+    name = g_hash_table_lookup (names, &key);
+    g_ptr_array_add (lines, g_strdup_printf (
+      "node %s %s %s", jstr_or (n, "type", "?"), name,
+      (char *) (g_hash_table_lookup (drivers, name) ?: "-")));
+  }
+  for (size_t i = 0; i < json_object_array_length (edges); i++) {
+    json_object *e = json_object_array_get_idx (edges, i), *parent, *child;
+    g_autofree char *perm = perm_list (e, "perm");
+    g_autofree char *shared = perm_list (e, "shared-perm");
+    gint64 p, c;
+
+    json_object_object_get_ex (e, "parent", &parent);
+    json_object_object_get_ex (e, "child", &child);
+    p = json_object_get_int64 (parent);
+    c = json_object_get_int64 (child);
+    g_ptr_array_add (lines, g_strdup_printf (
+      "edge %s -%s-> %s perm=%s shared=%s", (char *) g_hash_table_lookup (names, &p),
+      jstr_or (e, "name", "?"), (char *) g_hash_table_lookup (names, &c), perm, shared));
+  }
+  json_object_put (graph);
+  g_ptr_array_sort (lines, compare_strings);
+  for (guint i = 0; i < lines->len; i++)
+    g_string_append_printf (out, "%s\n", (char *) lines->pdata[i]);
+  return g_string_free (out, FALSE);
+}
+
+char **
+tl_run_markers (TlQemu *q)
+{
+  json_object *objs = tl_qmp (q, "qom-list", tl_json ("{\"path\": \"/objects\"}"));
+  GPtrArray *found = g_ptr_array_new ();
+
+  for (size_t i = 0; i < json_object_array_length (objs); i++) {
+    const char *name = jstr_or (json_object_array_get_idx (objs, i), "name", "");
+
+    if (g_str_has_prefix (name, "fleece-run-"))
+      g_ptr_array_add (found, g_strdup (name));
+  }
+  json_object_put (objs);
+  return sorted_strv (found);
+}
+
+static int64_t
+bitmap_count_on (json_object *nodes, const char *node, const char *name, bool *found)
+{
+  for (size_t i = 0; i < json_object_array_length (nodes); i++) {
+    json_object *n = json_object_array_get_idx (nodes, i), *bms;
+
+    if (g_strcmp0 (jstr_or (n, "node-name", NULL), node) != 0)
+      continue;
+    *found = true;
+    if (!json_object_object_get_ex (n, "dirty-bitmaps", &bms))
+      return -1;
+    for (size_t j = 0; j < json_object_array_length (bms); j++) {
+      json_object *b = json_object_array_get_idx (bms, j), *count;
+
+      if (g_strcmp0 (jstr_or (b, "name", NULL), name) == 0
+          && json_object_object_get_ex (b, "count", &count))
+        return json_object_get_int64 (count);
+    }
+    return -1;
+  }
+  return -1;
+}
+
+int64_t
+tl_bitmap_count (TlQemu *q, const char *node, const char *name)
+{
+  json_object *nodes = tl_qmp (q, "query-named-block-nodes", tl_json ("{\"flat\": true}"));
+  bool found = false;
+  int64_t count = bitmap_count_on (nodes, node, name, &found);
+
+  if (!found) {
+    g_autofree char *root = tl_device_root (q, node);
+
+    ck_assert_msg (root != NULL, "no node or device %s", node);
+    count = bitmap_count_on (nodes, root, name, &found);
+  }
+  json_object_put (nodes);
+  return count;
+}
+
+/* ---- the library ---------------------------------------------------- */
+
+void
+tl_log_cb (void *user_data, int level, const char *msg)
+{
+  if (user_data)
+    g_string_append_printf (user_data, "%d: %s\n", level, msg);
+  static gint64 t0;
+
+  if (!t0)
+    t0 = g_get_monotonic_time ();
+  if (g_getenv ("FLEECE_TEST_VERBOSE"))
+    fprintf (stderr, "# %.3f libfleece %d: %s\n",
+             (double) (g_get_monotonic_time () - t0) / G_USEC_PER_SEC, level, msg);
+}
+
+struct fleece_handle *
+tl_handle_on (TlVm *vm, uint32_t vmid, GString *log, const char *qmp_path)
+{
+  struct fleece_handle *h = fleece_new ();
+
+  ck_assert_msg (h != NULL, "fleece_new: %s", fleece_get_error ());
+  ck_assert_int_eq (fleece_set_log_callback (h, tl_log_cb, log, NULL), 0);
+  ck_assert_msg (fleece_set_state_dir (h, vm->state) == 0, "%s", fleece_get_error ());
+  ck_assert_msg (fleece_set_vmid (h, vmid) == 0, "%s", fleece_get_error ());
+  if (qmp_path)
+    ck_assert_msg (fleece_connect (h, qmp_path) == 0, "fleece_connect %s: %s",
+                   qmp_path, fleece_get_error ());
+  ck_assert_msg (fleece_set_storage (h, fleece_storage_new_dir (vm->storage)) == 0,
+                 "%s", fleece_get_error ());
+  return h;
+}
+
+struct fleece_handle *
+tl_handle (TlVm *vm, uint32_t vmid, GString *log)
+{
+  return tl_handle_on (vm, vmid, log, vm->q->qmp_path);
+}
+
+struct fleece_plan *
+tl_plan (struct fleece_handle *h, GString *log)
+{
+  struct fleece_plan *p = fleece_plan (h);
+
+  ck_assert_msg (p != NULL, "fleece_plan: %s\n%s", fleece_get_error (),
+                 log ? log->str : "");
+  return p;
+}
+
+int
+tl_wait_end (struct fleece_handle *h, int poll_ms)
+{
+  int r;
+
+  while ((r = fleece_wait (h, poll_ms)) == 0)
+    ;
+  return r;
+}
+
+void
+tl_assert_nothing_left (TlVm *vm, uint32_t vmid)
+{
+  g_auto (GStrv) nodes = tl_node_names (vm->q);
+  g_auto (GStrv) files = tl_list_dir (vm->storage);
+  g_auto (GStrv) markers = tl_run_markers (vm->q);
+  g_auto (GStrv) roots = tl_device_roots (vm->q);
+  g_autofree char *nb = g_strjoinv (",", vm->nodes_before);
+  g_autofree char *na = g_strjoinv (",", nodes);
+  g_autofree char *record = g_strdup_printf ("%s/%" PRIu32 ".json", vm->state, vmid);
+
+  ck_assert_msg (strcmp (na, nb) == 0, "nodes now: %s\nnodes before: %s", na, nb);
+  ck_assert_msg (tl_job_count (vm->q) == 0, "jobs are left");
+  ck_assert_msg (g_strv_length (files) == 0, "storage not empty: %s", files[0]);
+  ck_assert_msg (!g_file_test (record, G_FILE_TEST_EXISTS), "the record %s is left", record);
+  ck_assert_msg (g_strv_length (markers) == 0, "run marker %s is left", markers[0]);
+  if (vm->roots_before) {
+    g_autofree char *rb = g_strjoinv (",", vm->roots_before);
+    g_autofree char *ra = g_strjoinv (",", roots);
+
+    ck_assert_msg (strcmp (ra, rb) == 0, "device roots now: %s\nbefore: %s", ra, rb);
+  } else {
+    for (char **r = roots; *r; r++)
+      ck_assert_msg (!strstr (strchr (*r, '='), "fleece"), "device %s", *r);
+  }
+}
+
+void
+tl_assert_graph_unchanged (TlVm *vm)
+{
+  g_autofree char *now = tl_block_graph (vm->q);
+
+  ck_assert_msg (vm->graph_before, "no graph recorded (tl_vm_record_before)");
+  ck_assert_msg (strcmp (now, vm->graph_before) == 0,
+                 "the block graph changed;\nbefore:\n%snow:\n%s", vm->graph_before, now);
+}
+
+void
+tl_assert_image_equals (const char *path, const char *format,
+                        const guint8 *expect, uint64_t size, const char *what)
+{
+  uint64_t got_size = 0;
+  g_autofree guint8 *got = tl_read_image (path, format, &got_size);
+
+  ck_assert_msg (got_size == size, "%s: %s has %" G_GUINT64_FORMAT " bytes, not %"
+                 G_GUINT64_FORMAT, what, path, (guint64) got_size, (guint64) size);
+  for (uint64_t off = 0; off < size; off += 512) {
+    size_t len = (size_t) MIN ((uint64_t) 512, size - off);
+
+    if (memcmp (got + off, expect + off, len) != 0)
+      ck_abort_msg ("%s: %s differs from what was expected at byte %" G_GUINT64_FORMAT
+                    " (sector %" G_GUINT64_FORMAT ": got 0x%02x..., expected 0x%02x...)",
+                    what, path, (guint64) off, (guint64) off / 512, got[off], expect[off]);
+  }
+}
+
+void
+tl_check_point_in_time (TlVm *vm, guint8 **snapshot, const char *target_dir,
+                        const char *format)
+{
+  for (size_t i = 0; i < vm->ndisks; i++) {
+    g_autofree char *name = g_strdup_printf ("%s.%s", vm->disks[i].key, format);
+    g_autofree char *path = g_build_filename (target_dir, name, NULL);
+    g_autofree char *what = g_strdup_printf ("the backup of %s at its point in time",
+                                             vm->disks[i].key);
+
+    tl_assert_image_equals (path, format, snapshot[i], vm->disks[i].size, what);
+  }
+}
+
+/* ---- mounts ----------------------------------------------------------- */
+
+/* A failed test ends with _exit() before its umount: a guard process (out
+ * of the process group Check kills, holding none of the test's fds)
+ * detaches the mount once every copy of a pipe's write end, i.e. the test
+ * process, is gone. */
+static void
+unmount_when_gone (const char *dir)
+{
+  int fds[2];
+  pid_t pid;
+
+  ck_assert_int_eq (pipe2 (fds, O_CLOEXEC), 0);
+  pid = fork ();
+  ck_assert_int_ge (pid, 0);
+  if (pid == 0) {
+    int null = open ("/dev/null", O_RDWR);
+    char c;
+
+    setsid ();
+    if (null < 0 || dup2 (fds[0], 3) < 0 || dup2 (null, 0) < 0 || dup2 (null, 1) < 0 ||
+        dup2 (null, 2) < 0)
+      _exit (1);
+    close_range (4, ~0U, 0);
+    while (read (3, &c, 1) < 0 && errno == EINTR)
+      ;
+    umount2 (dir, MNT_DETACH);
+    _exit (0);
+  }
+  close (fds[0]);
+}
+
+void
+tl_mount_tmpfs (const char *dir, const char *size)
+{
+  g_autofree char *opts = g_strdup_printf ("size=%s,mode=0700", size);
+
+  ck_assert_msg (mount ("tmpfs", dir, "tmpfs", 0, opts) == 0,
+                 "mount tmpfs on %s: %s (the qemu suite runs as root)", dir,
+                 g_strerror (errno));
+  unmount_when_gone (dir);
 }
