@@ -16,12 +16,15 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -42,6 +45,9 @@
 #define LEAD_MAX (4 * MiB)
 #define START_TIMEOUT_US (20 * G_USEC_PER_SEC)
 #define QUIT_TIMEOUT_US (5 * G_USEC_PER_SEC)
+/* HMP qemu-io blocks for as long as the guest write does. */
+#define HMP_TIMEOUT_MS (120 * 1000)
+#define HMP_PROMPT "(qemu) "
 
 typedef struct {
   const char *key;
@@ -66,6 +72,13 @@ typedef struct {
   gint64 done_us;
 } DemoProgress;
 
+/* The demo's own monitor of its QEMU: HMP, for guest writes through the
+ * devices (qemu-io -d), which is no business of the library's. */
+typedef struct {
+  int fd;
+  GString *in;
+} Hmp;
+
 typedef struct {
   gint64 start_us;
   char *tmp;
@@ -77,8 +90,7 @@ typedef struct {
   char *qemu_log;
   GPid qemu_pid;
   GPid qsd_pid;
-  ToolQmp *qemu;        /* the demo's own monitor (guest writes) */
-  ToolQmp *qsd;
+  Hmp *mon;             /* the demo's own monitor (guest writes) */
   struct fleece_handle *h;
   bool running;         /* a backup is started on h and not ended */
   GArray *lat[NPHASES]; /* gint64 microseconds */
@@ -130,7 +142,7 @@ fail (GError **err, const char *fmt, ...)
 
   if (err && !*err) {
     va_start (ap, fmt);
-    *err = g_error_new_valist (TOOL_QMP_ERROR, TOOL_QMP_ERROR_IO, fmt, ap);
+    *err = g_error_new_valist (G_FILE_ERROR, G_FILE_ERROR_FAILED, fmt, ap);
     va_end (ap);
   }
   return false;
@@ -141,7 +153,8 @@ interrupted (GError **err)
 {
   if (!tool_signal)
     return false;
-  return fail (err, "interrupted by %s", tool_signal_name (tool_signal));
+  fail (err, "interrupted by %s", tool_signal_name (tool_signal));
+  return true;
 }
 
 static const char *
@@ -315,72 +328,137 @@ spawn (Demo *d, GPtrArray *argv, const char *log, GPid *pid, GError **err)
   return ok || fail (err, "cannot start %s", (char *) argv->pdata[0]);
 }
 
-/* Connect to a monitor of a process just started. */
-static ToolQmp *
-connect_when_up (Demo *d, GPid *pid, const char *sock, const char *what,
-                 const char *log, GError **err)
+/* ---- the demo's HMP monitor ---------------------------------------- */
+
+static void
+hmp_free (Hmp *m)
+{
+  if (!m)
+    return;
+  if (m->fd >= 0)
+    close (m->fd);
+  g_string_free (m->in, TRUE);
+  g_free (m);
+}
+
+/* Read until the prompt ends what came in; a signal interrupts. */
+static bool
+hmp_read_prompt (Hmp *m, int timeout_ms, GError **err)
+{
+  gint64 deadline = g_get_monotonic_time () + (gint64) timeout_ms * 1000;
+  char buf[4096];
+
+  while (!g_str_has_suffix (m->in->str, HMP_PROMPT)) {
+    struct pollfd p = { .fd = m->fd, .events = POLLIN };
+    gint64 left = (deadline - g_get_monotonic_time ()) / 1000;
+    ssize_t n;
+
+    if (interrupted (err))
+      return false;
+    if (left <= 0)
+      return fail (err, "QEMU's monitor did not answer within %d s", timeout_ms / 1000);
+    if (poll (&p, 1, (int) MIN (left, 1000)) <= 0)
+      continue;
+    n = read (m->fd, buf, sizeof buf);
+    if (n == 0 || (n < 0 && errno != EINTR && errno != EAGAIN))
+      return fail (err, "QEMU's monitor closed the connection");
+    if (n > 0)
+      g_string_append_len (m->in, buf, n);
+  }
+  return true;
+}
+
+static Hmp *
+hmp_connect (const char *path, GError **err)
+{
+  struct sockaddr_un sun = { .sun_family = AF_UNIX };
+  Hmp *m = g_new0 (Hmp, 1);
+
+  m->in = g_string_new (NULL);
+  m->fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  g_strlcpy (sun.sun_path, path, sizeof sun.sun_path);
+  if (m->fd < 0 || connect (m->fd, (struct sockaddr *) &sun, sizeof sun) < 0 ||
+      !hmp_read_prompt (m, 5000, err)) {
+    fail (err, "cannot connect to %s: %s", path, g_strerror (errno));
+    hmp_free (m);
+    return NULL;
+  }
+  return m;
+}
+
+/* Run an HMP command; its output (g_free).  HMP echoes the line as it is
+ * typed, redrawing it, and ends the echo with CR LF: the output is what
+ * follows, up to the next prompt. */
+static char *
+hmp_command (Hmp *m, const char *line, GError **err)
+{
+  g_autofree char *sent = g_strdup_printf ("%s\n", line);
+  const char *out;
+
+  g_string_truncate (m->in, 0);
+  if (write (m->fd, sent, strlen (sent)) != (ssize_t) strlen (sent)) {
+    fail (err, "cannot write to QEMU's monitor: %s", g_strerror (errno));
+    return NULL;
+  }
+  if (!hmp_read_prompt (m, HMP_TIMEOUT_MS, err))
+    return NULL;
+  out = strstr (m->in->str, "\r\n");
+  out = out ? out + 2 : m->in->str + m->in->len;
+  return g_strndup (out, (gsize) (m->in->str + m->in->len - strlen (HMP_PROMPT) - out));
+}
+
+/* ---- processes, continued ------------------------------------------ */
+
+/* Wait for a process just started to create its socket. */
+static bool
+wait_socket (Demo *d, GPid *pid, const char *sock, const char *what,
+             const char *log, GError **err)
 {
   gint64 deadline = g_get_monotonic_time () + START_TIMEOUT_US;
 
-  for (;;) {
-    g_autoptr (GError) cerr = NULL;
-    ToolQmp *q;
-
+  while (!g_file_test (sock, G_FILE_TEST_EXISTS)) {
     if (interrupted (err))
-      return NULL;
-    if (g_file_test (sock, G_FILE_TEST_EXISTS) &&
-        (q = tool_qmp_connect (sock, 5000, &cerr)))
-      return q;
+      return false;
     if (reap (pid, WNOHANG) || g_get_monotonic_time () > deadline) {
       g_autofree char *log_path = g_build_filename (d->tmp, log, NULL);
       g_autofree char *text = NULL;
 
       g_file_get_contents (log_path, &text, NULL, NULL);
-      fail (err, "%s %s: %s", what,
-            *pid ? "did not come up within 20 s" : "exited while starting",
-            text && *text ? g_strstrip (text) : "(no output)");
-      return NULL;
+      return fail (err, "%s %s: %s", what,
+                   *pid ? "did not come up within 20 s" : "exited while starting",
+                   text && *text ? g_strstrip (text) : "(no output)");
     }
     g_usleep (20 * 1000);
   }
+  return true;
 }
 
-/* Ask politely, then kill. */
+/* SIGTERM makes QEMU and qemu-storage-daemon flush and exit; a process
+ * that does not within a few seconds is killed. */
 static void
-stop_process (GPid *pid, ToolQmp **q)
+stop_process (GPid *pid)
 {
-  gint64 deadline;
+  gint64 deadline = g_get_monotonic_time () + QUIT_TIMEOUT_US;
 
   if (*pid <= 0)
     return;
-  if (*q) {
-    g_autoptr (json_object) r = NULL;
-    tool_qmp_set_timeout (*q, 2000);
-    r = tool_qmp_execute (*q, "quit", NULL, NULL);
-  }
-  deadline = g_get_monotonic_time () + QUIT_TIMEOUT_US;
+  kill (*pid, SIGTERM);
   while (!reap (pid, WNOHANG)) {
-    if (!*q || g_get_monotonic_time () > deadline) {
+    if (g_get_monotonic_time () > deadline) {
       kill (*pid, SIGKILL);
       reap (pid, 0);
       break;
     }
     g_usleep (10 * 1000);
   }
-  g_clear_pointer (q, tool_qmp_free);
 }
 
 static bool
 start_target (Demo *d, GError **err)
 {
   g_autoptr (GPtrArray) argv = g_ptr_array_new_with_free_func (g_free);
-  g_autofree char *qmp = g_build_filename (d->tmp, "qsd.qmp", NULL);
 
   g_ptr_array_add (argv, g_strdup ("qemu-storage-daemon"));
-  g_ptr_array_add (argv, g_strdup ("--chardev"));
-  g_ptr_array_add (argv, g_strdup_printf ("socket,id=qmp0,path=%s,server=on,wait=off", qmp));
-  g_ptr_array_add (argv, g_strdup ("--monitor"));
-  g_ptr_array_add (argv, g_strdup ("chardev=qmp0"));
   g_ptr_array_add (argv, g_strdup ("--object"));
   g_ptr_array_add (argv, g_strdup_printf ("throttle-group,id=slow,limits.bps-write=%d",
                                           TARGET_BPS));
@@ -403,8 +481,8 @@ start_target (Demo *d, GError **err)
   }
   if (!spawn (d, argv, "qsd.log", &d->qsd_pid, err))
     return false;
-  d->qsd = connect_when_up (d, &d->qsd_pid, qmp, "qemu-storage-daemon", "qsd.log", err);
-  return d->qsd != NULL;
+  return wait_socket (d, &d->qsd_pid, d->nbd_sock, "qemu-storage-daemon",
+                      "qsd.log", err);
 }
 
 static bool
@@ -432,11 +510,11 @@ start_vm (Demo *d, GError **err)
   g_ptr_array_add (argv, g_strdup ("-nodefaults"));
   g_ptr_array_add (argv, g_strdup ("-display"));
   g_ptr_array_add (argv, g_strdup ("none"));
-  /* One monitor for the library, one for the demo's guest writes: a QMP
-   * monitor serves one client at a time. */
+  /* A QMP monitor for the library, an HMP one for the demo's guest
+   * writes. */
   g_ptr_array_add (argv, g_strdup ("-qmp"));
   g_ptr_array_add (argv, g_strdup_printf ("unix:%s,server=on,wait=off", lib));
-  g_ptr_array_add (argv, g_strdup ("-qmp"));
+  g_ptr_array_add (argv, g_strdup ("-monitor"));
   g_ptr_array_add (argv, g_strdup_printf ("unix:%s,server=on,wait=off", own));
   g_ptr_array_add (argv, g_strdup ("-drive"));
   g_ptr_array_add (argv, g_strdup_printf ("if=pflash,unit=0,format=raw,readonly=on,file=%s",
@@ -469,12 +547,10 @@ start_vm (Demo *d, GError **err)
   }
   if (!spawn (d, argv, "qemu.log", &d->qemu_pid, err))
     return false;
-  d->qemu = connect_when_up (d, &d->qemu_pid, own, "QEMU", "qemu.log", err);
-  if (!d->qemu)
+  if (!wait_socket (d, &d->qemu_pid, own, "QEMU", "qemu.log", err))
     return false;
-  /* HMP qemu-io blocks for as long as the guest write does. */
-  tool_qmp_set_timeout (d->qemu, 120 * 1000);
-  return true;
+  d->mon = hmp_connect (own, err);
+  return d->mon != NULL;
 }
 
 /* ---- guest writes --------------------------------------------------- */
@@ -495,7 +571,7 @@ guest_io (Demo *d, size_t disk, const char *cmd, GError **err)
   char qdev[128];
   g_autofree char *line = g_strdup_printf ("qemu-io -d %s \"%s\"",
                                            qdev_of (&disks[disk], qdev, sizeof qdev), cmd);
-  g_autofree char *out = tool_qmp_hmp (d->qemu, line, err);
+  g_autofree char *out = hmp_command (d->mon, line, err);
 
   if (!out)
     return false;
@@ -608,8 +684,8 @@ backup_start (Demo *d, unsigned flags, struct fleece_plan **plan, GError **err)
     return lib_fail (err, "NBD target");
   ok = fleece_set_plan_flags (d->h, flags) == 0 &&
        (*plan = fleece_plan (d->h)) != NULL &&
-       fleece_attach (d->h, *plan) == 0 &&
-       fleece_start (d->h, *plan, t) == 0;
+       fleece_attach (d->h, *plan, 0) == 0 &&
+       fleece_start (d->h, *plan, t, 0) == 0;
   fleece_target_free (t);
   if (!ok)
     return lib_fail (err, "starting the backup");
@@ -637,8 +713,7 @@ backup_cancel_and_wait (Demo *d)
   if (!d->running)
     return;
   fleece_cancel (d->h);
-  while (backup_wait (d, 200) == 0)
-    ;
+  backup_wait (d, -1);
 }
 
 /* ---- the phases ----------------------------------------------------- */
@@ -720,7 +795,7 @@ phase_plain (Demo *d, GError **err)
     /* Its point is the latency, not the backup: stop it. */
     backup_cancel_and_wait (d);
     spent += d->backup_end_us - d->backup_start_us;
-    if (fleece_cleanup (d->h) < 0)
+    if (fleece_cleanup (d->h, 0) < 0)
       return lib_fail (err, "cleanup");
   }
   {
@@ -748,7 +823,7 @@ phase_fleece (Demo *d, bool *finished, GError **err)
   }
   if (!backup_start (d, 0, &p, err))
     goto out;
-  for (size_t j = 0; j < fleece_plan_get_drive_count (p); j++)
+  for (int j = 0; j < fleece_plan_get_drive_count (p); j++)
     for (size_t i = 0; i < NDISKS; i++)
       if (strcmp (disks[i].key, fleece_plan_get_key (p, j)) == 0 &&
           fleece_plan_get_fleeced (p, j) == 1)
@@ -777,7 +852,7 @@ phase_fleece (Demo *d, bool *finished, GError **err)
   /* What discard-source left, before cleanup deletes the images. */
   d->fleece_final = allocated_in (d->storage);
   *finished = true;
-  if (fleece_cleanup (d->h) < 0) {
+  if (fleece_cleanup (d->h, 0) < 0) {
     lib_fail (err, "cleanup");
     goto out;
   }
@@ -795,7 +870,7 @@ phase_fleece (Demo *d, bool *finished, GError **err)
 static bool
 verify (Demo *d, GError **err)
 {
-  stop_process (&d->qsd_pid, &d->qsd);
+  stop_process (&d->qsd_pid);
   for (size_t i = 0; i < NDISKS; i++)
     if (!(d->got[i] = sha256_file (d->tgt[i], err)))
       return false;
@@ -863,8 +938,7 @@ setup (Demo *d, GError **err)
 {
   g_autofree char *lib = g_build_filename (d->tmp, "qmp.sock", NULL);
   const char *only[NDISKS + 1];
-  g_autoptr (json_object) ver = NULL;
-  json_object *q, *v;
+  g_autofree char *ver = NULL;
 
   d->storage = g_build_filename (d->tmp, "fleecing", NULL);
   d->state = g_build_filename (d->tmp, "state", NULL);
@@ -903,8 +977,8 @@ setup (Demo *d, GError **err)
   for (size_t i = 0; i < NDISKS; i++)
     only[i] = disks[i].key;
   only[NDISKS] = NULL;
-  fleece_set_log_callback (d->h, on_log, d);
-  fleece_set_progress_callback (d->h, on_progress, d);
+  fleece_set_log_callback (d->h, on_log, d, NULL);
+  fleece_set_progress_callback (d->h, on_progress, d, NULL);
   /* Like Proxmox: the drives in the VM's config, not pflash0 (OVMF's
    * read-only code). */
   if (fleece_set_vmid (d->h, DEMO_VMID) < 0 ||
@@ -914,22 +988,16 @@ setup (Demo *d, GError **err)
       fleece_connect (d->h, lib) < 0)
     return lib_fail (err, "setting up libfleece");
 
-  ver = tool_qmp_execute (d->qemu, "query-version", NULL, err);
-  if (!ver)
+  /* "10.0.2Debian 1:10.0.2+ds-..." (version and package, unseparated). */
+  if (!(ver = hmp_command (d->mon, "info version", err)))
     return false;
+  ver[strspn (ver, "0123456789.")] = '\0';
   {
     g_autofree char *tsize = tool_size (total_size ());
     g_autofree char *rate = tool_size (TARGET_BPS);
-    int64_t maj = 0, min = 0, mic = 0;
 
-    if (json_object_object_get_ex (ver, "qemu", &q)) {
-      if (json_object_object_get_ex (q, "major", &v)) maj = json_object_get_int64 (v);
-      if (json_object_object_get_ex (q, "minor", &v)) min = json_object_get_int64 (v);
-      if (json_object_object_get_ex (q, "micro", &v)) mic = json_object_get_int64 (v);
-    }
-    say ("VM %d: QEMU %" G_GINT64_FORMAT ".%" G_GINT64_FORMAT ".%" G_GINT64_FORMAT
-         " (no guest OS), %zu drives, %s: efidisk0 (pflash), scsi0 (qcow2), "
-         "scsi1, virtio0\n", DEMO_VMID, maj, min, mic, NDISKS, tsize);
+    say ("VM %d: QEMU %s (no guest OS), %zu drives, %s: efidisk0 (pflash), "
+         "scsi0 (qcow2), scsi1, virtio0\n", DEMO_VMID, ver, NDISKS, tsize);
     say ("Backup target: NBD exports of qemu-storage-daemon, all behind one "
          "throttle group of %s/s\n\n", rate);
   }
@@ -945,35 +1013,26 @@ teardown (Demo *d, bool hurry)
   if (hurry && d->qsd_pid > 0) {
     kill (d->qsd_pid, SIGKILL);
     reap (&d->qsd_pid, 0);
-    g_clear_pointer (&d->qsd, tool_qmp_free);
   }
   if (d->h) {
     backup_cancel_and_wait (d);
-    if (fleece_cleanup (d->h) < 0)
+    if (fleece_cleanup (d->h, 0) < 0)
       fprintf (stderr, "fleece demo: cleanup: %s\n", fleece_get_error ());
     fleece_free (d->h);
     d->h = NULL;
   }
-  if (hurry && d->qemu_pid > 0) {
-    /* Our monitor may be stuck in an interrupted command. */
-    g_clear_pointer (&d->qemu, tool_qmp_free);
-  }
-  stop_process (&d->qemu_pid, &d->qemu);
-  stop_process (&d->qsd_pid, &d->qsd);
+  g_clear_pointer (&d->mon, hmp_free);
+  stop_process (&d->qemu_pid);
+  stop_process (&d->qsd_pid);
   remove_tree (d->tmp);
 }
 
-int
-tool_demo (int argc, char **argv)
+static void
+parse_args (int argc, char **argv)
 {
   GOptionEntry entries[] = { { NULL } };
   g_autoptr (GOptionContext) ctx = g_option_context_new ("");
   g_autoptr (GError) err = NULL;
-  Demo demo = { 0 }, *d = &demo;
-  static const char *const needed[] = {
-    "qemu-img", "qemu-storage-daemon", NULL,
-  };
-  bool finished = false, ok = false;
 
   g_set_prgname ("fleece demo");
   g_option_context_set_summary (ctx,
@@ -990,24 +1049,57 @@ tool_demo (int argc, char **argv)
   if (argc > 1)
     tool_usage_error ("demo", "unexpected argument '%s'; fleece demo takes no "
                       "arguments", argv[1]);
+}
 
-  {
-    g_autofree char *q = g_find_program_in_path (qemu_binary ());
-    if (!q) {
-      fprintf (stderr, "fleece demo: %s not found in PATH; install QEMU "
-               "(Debian: apt install qemu-system-x86 qemu-utils)\n", qemu_binary ());
-      return TOOL_EXIT_FAILED;
-    }
-  }
+/* QEMU, qemu-img and qemu-storage-daemon, or a message saying what to
+ * install. */
+static bool
+have_programs (void)
+{
+  const char *const needed[] = { qemu_binary (), "qemu-img", "qemu-storage-daemon", NULL };
+
   for (size_t i = 0; needed[i]; i++) {
     g_autofree char *p = g_find_program_in_path (needed[i]);
     if (!p) {
       fprintf (stderr, "fleece demo: %s not found in PATH; install it (Debian: "
-               "apt install qemu-utils qemu-system-x86)\n", needed[i]);
-      return TOOL_EXIT_FAILED;
+               "apt install qemu-system-x86 qemu-utils)\n", needed[i]);
+      return false;
     }
   }
+  return true;
+}
 
+static void
+demo_clear (Demo *d)
+{
+  for (size_t i = 0; i < NDISKS; i++) {
+    g_free (d->src[i]);
+    g_free (d->tgt[i]);
+    g_free (d->pit[i]);
+    g_free (d->got[i]);
+    g_free (d->image[i]);
+  }
+  for (int ph = 0; ph < NPHASES; ph++)
+    g_array_unref (d->lat[ph]);
+  g_string_free (d->warnings, TRUE);
+  g_rand_free (d->rand);
+  g_free (d->storage);
+  g_free (d->state);
+  g_free (d->nbd_sock);
+  g_free (d->qemu_log);
+  g_free (d->tmp);
+}
+
+int
+tool_demo (int argc, char **argv)
+{
+  g_autoptr (GError) err = NULL;
+  Demo demo = { 0 }, *d = &demo;
+  bool finished = false, ok = false;
+
+  parse_args (argc, argv);
+  if (!have_programs ())
+    return TOOL_EXIT_FAILED;
   tool_catch_signals ();
   d->start_us = g_get_monotonic_time ();
   d->tmp = g_dir_make_tmp ("fleece-demo-XXXXXX", &err);
@@ -1035,22 +1127,6 @@ tool_demo (int argc, char **argv)
       fprintf (stderr, "\nfleece demo: %s\n(everything it started was stopped "
                "and %s removed)\n", err ? err->message : "failed", d->tmp);
   }
-
-  for (size_t i = 0; i < NDISKS; i++) {
-    g_free (d->src[i]);
-    g_free (d->tgt[i]);
-    g_free (d->pit[i]);
-    g_free (d->got[i]);
-    g_free (d->image[i]);
-  }
-  for (int ph = 0; ph < NPHASES; ph++)
-    g_array_unref (d->lat[ph]);
-  g_string_free (d->warnings, TRUE);
-  g_rand_free (d->rand);
-  g_free (d->storage);
-  g_free (d->state);
-  g_free (d->nbd_sock);
-  g_free (d->qemu_log);
-  g_free (d->tmp);
+  demo_clear (d);
   return ok ? TOOL_EXIT_OK : TOOL_EXIT_FAILED;
 }

@@ -1,4 +1,4 @@
-/* Signals, usage errors and number formatting for the fleece command. */
+/* Signals, usage errors and formatting for the fleece command. */
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -8,11 +8,25 @@
 #include "fleece-tool.h"
 
 volatile sig_atomic_t tool_signal;
+static struct fleece_handle *volatile cancel_target;
 
+/* fleece_cancel() only records the request and wakes fleece_wait(),
+ * which sends the cancel to QEMU: safe here, and at once. */
 static void
 on_signal (int sig)
 {
+  int saved = errno;
+
   tool_signal = sig;
+  if (cancel_target)
+    fleece_cancel (cancel_target);
+  errno = saved;
+}
+
+void
+tool_set_cancel (struct fleece_handle *h)
+{
+  cancel_target = h;
 }
 
 void
@@ -122,4 +136,42 @@ tool_eta (double seconds)
   if (s >= 3600)
     return g_strdup_printf ("%ld:%02ld:%02ld", s / 3600, s / 60 % 60, s % 60);
   return g_strdup_printf ("%ld:%02ld", s / 60, s % 60);
+}
+
+static bool
+is_c1 (gunichar c)
+{
+  return c >= 0x80 && c < 0xa0;
+}
+
+char *
+tool_escape (const char *s)
+{
+  GString *r;
+  bool utf8;
+
+  if (!s)
+    return g_strdup ("(none)");
+  utf8 = g_utf8_validate (s, -1, NULL);
+  r = g_string_sized_new (strlen (s));
+  for (const char *p = s; *p;) {
+    unsigned char c = (unsigned char) *p;
+
+    if (c < 0x20 || c == 0x7f || (c >= 0x80 && !utf8)) {
+      g_string_append_printf (r, "\\x%02x", c);
+      p++;
+    } else if (c >= 0x80) {
+      const char *next = g_utf8_next_char (p);
+      if (is_c1 (g_utf8_get_char (p)))
+        for (const char *q = p; q < next; q++)
+          g_string_append_printf (r, "\\x%02x", (unsigned char) *q);
+      else
+        g_string_append_len (r, p, next - p);
+      p = next;
+    } else {
+      g_string_append_c (r, (char) c);
+      p++;
+    }
+  }
+  return g_string_free (r, FALSE);
 }
