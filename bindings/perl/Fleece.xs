@@ -1,22 +1,31 @@
-/* Fleece.xs - the XS layer of the Perl binding of libfleece.
+/* Fleece.xs - the XS layer of the Perl binding of libfleece 1.0.
  *
  * Thin on purpose: one Perl package per C object and one method per C
  * function, named after it (fleece_set_vmid -> Fleece::Raw::Handle::set_vmid,
  * fleece_plan_get_key -> Fleece::Raw::Plan::get_key).  Options given by name,
- * plans as Perl data and fork safety live in lib/Fleece.pm.
+ * plans as Perl data, JSON and fork safety live in lib/Fleece.pm.
  *
  * What the XS does that the .pm cannot:
  *  - Objects are blessed scalar refs holding a C pointer; DESTROY frees and
  *    zeroes it.  A method keeps its object alive until the calling statement
  *    ends, so a callback that drops the last reference cannot free a handle
  *    or plan the library is still using.
- *  - A failed call croaks with fleece_get_error(), after freeing what the
- *    XS allocated for it.
- *  - Callbacks are Perl code refs called through trampolines under G_EVAL.
- *    An exception becomes a callback failure (-1 or NULL, errno EIO) for the
- *    callbacks that can fail, and its text is kept on the handle: appended
- *    to the croak message if the call fails, else given to warn(), so that
- *    it is reported exactly once.
+ *  - A failed call croaks with a Fleece::Error object (lib/Fleece/Error.pm):
+ *    the library's message without the C function name in front, its errno
+ *    and that function, after freeing what the XS allocated for it.
+ *  - Callbacks are Perl code refs called through trampolines under G_EVAL,
+ *    each registered with the library together with a free function that
+ *    drops the binding's reference to the code: the library decides when a
+ *    callback is gone, the .pm pins nothing.  An exception in a callback
+ *    that can fail (storage, record) becomes the failure's reason string
+ *    and errno (a Fleece::Error's code, else errno if the Perl code left
+ *    one, else EIO by the library); the exceptions of log and progress
+ *    callbacks, which cannot fail a call, are passed to warn() once per
+ *    call.
+ *  - wait() waits in slices of the library's own poll interval and runs
+ *    Perl's deferred signal handlers between them, so that a %SIG handler
+ *    calling cancel() (which is async-signal-safe in the library) or dying
+ *    ends a wait without timeout.
  *  - The handle remembers the pid that made it: in another process (after
  *    fork) no Perl callback runs, and DESTROY only releases the child's
  *    copies of the socket and lock file descriptors, which does not disturb
@@ -29,39 +38,54 @@
 #include "XSUB.h"
 
 #include <errno.h>
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <fleece/fleece.h>
 
-/* A handle and the Perl callbacks registered on it. */
+/* fleece_wait() looks at the backup every 250 ms and lets go of the monitor
+ * in between: a slice of the same length adds no QMP traffic. */
+#define PF_WAIT_SLICE_MS 250
+
+/* A handle. */
 typedef struct {
   struct fleece_handle *h;
   pid_t pid;            /* the process that created it */
   bool busy;            /* inside a library call */
-  SV *log_cb;
-  SV *progress_cb;
-  SV *load_cb;
-  SV *store_cb;
-  SV *errors;           /* exceptions of callbacks during the current call */
+  SV *warnings;         /* exceptions of log/progress callbacks, this call */
 } PFHandle;
 
-/* The opaque of a callback storage. */
+/* The user data of a log or progress callback. */
 typedef struct {
-  PFHandle *owner;      /* the handle it was given to, or NULL */
+  SV *cb;
+  PFHandle *ph;         /* outlives it: fleece_free() frees this first */
+} PFCallback;
+
+/* The user data of the record callbacks. */
+typedef struct {
+  SV *load;
+  SV *store;
   pid_t pid;
-  SV *alloc_cb;
-  SV *free_cb;
-  SV *path_cb;
+} PFRecord;
+
+/* The user data of a callback storage; the storage owns it. */
+typedef struct {
+  SV *alloc;
+  SV *remove;
+  SV *path;
+  SV *blockdev;
+  pid_t pid;
 } PFStorageCb;
 
 /* A storage until fleece_set_storage() takes it. */
 typedef struct {
   struct fleece_storage *st;
-  PFStorageCb *cb;      /* NULL for the directory storage */
+  PFStorageCb *cb;      /* NULL for built-in storages */
 } PFStorage;
 
 typedef struct fleece_plan PFPlan;
@@ -75,6 +99,41 @@ typedef int PF_INT;
 typedef const char *PF_STR;     /* a defined string without NUL bytes */
 typedef const char *PF_OPTSTR;  /* the same, or undef for NULL */
 typedef SV *PF_CODE;            /* a code ref or undef */
+
+/* ---- errors ------------------------------------------------------------ */
+
+/* Croak with a Fleece::Error: the library's "fleece_xxx: message" split
+ * into the function and the message an admin reads. */
+static void
+pf_croak_error (pTHX_ const char *msg, int errnum)
+{
+  HV *hv = newHV ();
+  const char *rest = msg ? msg : "unknown error (libfleece gave no message)";
+  SV *fn = newSV (0);
+  SV *rv;
+
+  if (msg && strncmp (msg, "fleece_", 7) == 0) {
+    const char *sep = strstr (msg, ": ");
+    size_t n = sep ? (size_t) (sep - msg) : 0;
+
+    if (sep && strspn (msg, "abcdefghijklmnopqrstuvwxyz0123456789_") == n) {
+      sv_setpvn (fn, msg, n);
+      rest = sep + 2;
+    }
+  }
+  hv_stores (hv, "message", newSVpv (rest, 0));
+  hv_stores (hv, "code", newSViv (errnum));
+  hv_stores (hv, "function", fn);
+  rv = sv_bless (newRV_noinc ((SV *) hv), gv_stashpvs ("Fleece::Error", GV_ADD));
+  croak_sv (sv_2mortal (rv));
+}
+
+/* Croak with the library's last error. */
+static void
+pf_fail (pTHX)
+{
+  pf_croak_error (aTHX_ fleece_get_error (), fleece_get_errno ());
+}
 
 /* ---- argument conversion -------------------------------------------- */
 
@@ -184,54 +243,43 @@ pf_sv_to_code (pTHX_ SV *sv, const char *what)
 
 /* ---- calls into the library --------------------------------------------- */
 
+/* Pass on what the log and progress callbacks threw during the call. */
+static void
+pf_flush_warnings (pTHX_ PFHandle *ph)
+{
+  SV *w = ph->warnings;
+
+  ph->warnings = NULL;
+  if (w) {
+    sv_2mortal (w);
+    warn ("Fleece: %" SVf "\n", SVfARG (w));
+  }
+}
+
 static void
 pf_enter (pTHX_ PFHandle *ph)
 {
   if (ph->busy)
     croak ("Fleece: the handle's methods cannot be called from its own "
            "callbacks\n");
+  /* Left by a wait() a signal handler died out of. */
+  pf_flush_warnings (aTHX_ ph);
   ph->busy = true;
-  if (ph->errors) {
-    SvREFCNT_dec (ph->errors);
-    ph->errors = NULL;
-  }
 }
 
-/* End a call: croak with the library's error (and any callback exceptions)
- * if it failed, else warn about callback exceptions the call survived. */
+/* End a call: croak with the library's error if it failed. */
 static void
 pf_leave (pTHX_ PFHandle *ph, bool failed)
 {
-  SV *errors = ph->errors;
-
   ph->busy = false;
-  ph->errors = NULL;
-  if (errors)
-    sv_2mortal (errors);
-  if (failed) {
-    const char *msg = fleece_get_error ();
-    SV *e = sv_2mortal (newSVpv (msg ? msg : "libfleece: unknown error", 0));
-
-    if (errors)
-      sv_catpvf (e, " (%" SVf ")", SVfARG (errors));
-    sv_catpvs (e, "\n");
-    croak_sv (e);
-  }
-  if (errors)
-    warn ("Fleece: %" SVf "\n", SVfARG (errors));
-}
-
-/* For calls without a handle: croak with the library's error. */
-static void
-pf_fail (pTHX)
-{
-  const char *msg = fleece_get_error ();
-  croak ("%s\n", msg ? msg : "libfleece: unknown error");
+  pf_flush_warnings (aTHX_ ph);
+  if (failed)
+    pf_fail (aTHX);
 }
 
 /* ---- callbacks ------------------------------------------------------------ */
 
-/* Whether Perl code may run for a handle made in process pid: not in a
+/* Whether Perl code may run for an object made in process pid: not in a
  * forked child, and not during global destruction (the callback's closure
  * may be half torn down). */
 static bool
@@ -240,92 +288,146 @@ pf_may_call (pTHX_ pid_t pid)
   return pid == getpid () && PL_phase != PERL_PHASE_DESTRUCT;
 }
 
-static void
-pf_note_error (pTHX_ PFHandle *ph, const char *what, const char *fmt, ...)
+/* A malloc'd copy of an SV's text without trailing newlines (die messages
+ * end with one); the library releases it with free(). */
+static char *
+pf_text (pTHX_ SV *sv)
+{
+  STRLEN len;
+  const char *s = SvPV (sv, len);
+  char *out;
+
+  while (len && (s[len - 1] == '\n' || s[len - 1] == '\r'))
+    len--;
+  out = malloc (len + 1);
+  if (out) {
+    memcpy (out, s, len);
+    out[len] = '\0';
+    /* The library's messages are one line. */
+    for (char *c = out; (c = strchr (c, '\n')); )
+      *c = ' ';
+  }
+  return out;
+}
+
+static char *
+pf_reason (const char *fmt, ...)
 {
   va_list ap;
-  SV *msg = sv_2mortal (newSVpvf ("the Perl %s callback ", what));
+  char *s;
+  int n;
 
   va_start (ap, fmt);
-  sv_vcatpvf (msg, fmt, &ap);
+  n = vsnprintf (NULL, 0, fmt, ap);
   va_end (ap);
-  /* One line per exception; "die" messages end with a newline. */
-  while (SvCUR (msg) && SvPVX (msg)[SvCUR (msg) - 1] == '\n')
-    SvCUR_set (msg, SvCUR (msg) - 1);
-  if (!ph) {
-    warn ("Fleece: %" SVf "\n", SVfARG (msg));
-    return;
+  if (n < 0 || !(s = malloc ((size_t) n + 1)))
+    return NULL;
+  va_start (ap, fmt);
+  vsnprintf (s, (size_t) n + 1, fmt, ap);
+  va_end (ap);
+  return s;
+}
+
+/* Why a callback may not run, as its failure's reason (NULL: it may). */
+static char *
+pf_refusal (pTHX_ pid_t pid, const char *what)
+{
+  if (pf_may_call (aTHX_ pid))
+    return NULL;
+  if (pid != getpid ())
+    return pf_reason ("the Perl %s callback was not run: it belongs to "
+                      "process %ld, this is %ld (fork)", what, (long) pid,
+                      (long) getpid ());
+  return pf_reason ("the Perl %s callback was not run: Perl is in global "
+                    "destruction (clean up before the program ends)", what);
+}
+
+/* The errno a dying callback stands for: a Fleece::Error's code, else what
+ * the Perl code left in errno ($!), else 0 (the library says EIO). */
+static int
+pf_exception_errno (pTHX_ SV *e, int saved)
+{
+  if (sv_isobject (e) && sv_derived_from (e, "Fleece::Error") &&
+      SvTYPE (SvRV (e)) == SVt_PVHV) {
+    SV **code = hv_fetchs ((HV *) SvRV (e), "code", 0);
+    if (code && SvIOK (*code) && SvIV (*code) > 0)
+      return (int) SvIV (*code);
   }
-  if (!ph->errors)
-    ph->errors = newSVpvs ("");
-  /* A callback that dies every time (progress, say) is reported once. */
-  else if (ninstr (SvPVX (ph->errors), SvEND (ph->errors), SvPVX (msg), SvEND (msg)))
-    return;
-  else
-    sv_catpvs (ph->errors, "; ");
-  sv_catsv (ph->errors, msg);
+  return saved;
 }
 
 /* Call cb with the arguments the caller pushed (after ENTER, SAVETMPS,
  * PUSHMARK), in scalar context, catching exceptions.  Returns a copy of the
- * result (the caller owns it), or NULL if cb died; $@ is left as it was. */
+ * result (the caller owns it), or NULL if cb died; then *reason (if
+ * reason) is the exception's text and *err its errno, else the exception
+ * is noted on ph (if ph) for warn().  $@ and errno are left as they were. */
 static SV *
-pf_call (pTHX_ PFHandle *ph, SV *cb, const char *what)
+pf_call (pTHX_ SV *cb, PFHandle *ph, const char *what, char **reason,
+         int *err)
 {
   dSP;
   SV *ret = NULL;
-  int count;
+  int count, saved = errno, e;
 
   save_scalar (PL_errgv);
+  errno = 0;
   count = call_sv (cb, G_SCALAR | G_EVAL);
+  e = errno;
   SPAGAIN;
-  if (SvTRUE (ERRSV))
-    pf_note_error (aTHX_ ph, what, "died: %" SVf, SVfARG (ERRSV));
-  else if (count == 1)
+  if (SvTRUE (ERRSV)) {
+    if (reason) {
+      *reason = pf_text (aTHX_ ERRSV);
+      *err = pf_exception_errno (aTHX_ ERRSV, e);
+    } else if (ph) {
+      SV *msg = sv_2mortal (newSVpvf ("the Perl %s callback died: ", what));
+      char *t = pf_text (aTHX_ ERRSV);
+
+      sv_catpv (msg, t ? t : "?");
+      free (t);
+      /* A callback that dies every time (progress, say) is reported once. */
+      if (!ph->warnings)
+        ph->warnings = newSVsv (msg);
+      else if (!ninstr (SvPVX (ph->warnings), SvEND (ph->warnings), SvPVX (msg), SvEND (msg))) {
+        sv_catpvs (ph->warnings, "; ");
+        sv_catsv (ph->warnings, msg);
+      }
+    }
+  } else if (count == 1)
     ret = newSVsv (TOPs);
   SP -= count;
   PUTBACK;
+  errno = saved;
   return ret;
 }
 
-/* A malloc'd copy of a string result, or NULL after noting why not. */
+/* A malloc'd copy of a string result, or NULL with *reason saying why. */
 static char *
-pf_result_str (pTHX_ PFHandle *ph, SV *ret, const char *what,
-               const char *expected)
+pf_result_str (pTHX_ SV *ret, const char *what, const char *expected,
+               char **reason)
 {
   STRLEN len;
   const char *s;
 
   if (!SvOK (ret)) {
-    pf_note_error (aTHX_ ph, what, "returned undef, not %s", expected);
+    *reason = pf_reason ("the Perl %s callback returned undef, not %s", what,
+                         expected);
     return NULL;
   }
   s = SvPV (ret, len);
   if (len == 0 || memchr (s, '\0', len)) {
-    pf_note_error (aTHX_ ph, what, "returned %s, not %s",
-                   len ? "a string with a NUL byte" : "an empty string",
-                   expected);
+    *reason = pf_reason ("the Perl %s callback returned %s, not %s", what,
+                         len ? "a string with a NUL byte" : "an empty string",
+                         expected);
     return NULL;
   }
-  return strdup (s);    /* the library releases it with free() */
+  return strdup (s);
 }
 
-/* For callbacks whose failure the library sees: whether to run the Perl
- * code, else why not, noted. */
-static bool
-pf_forked_check (pTHX_ PFHandle *ph, pid_t pid, const char *what)
+/* The end of a failed trampoline: errno for the library (0: it says EIO). */
+static void
+pf_failed (int err)
 {
-  if (pf_may_call (aTHX_ pid))
-    return true;
-  if (pid != getpid ())
-    pf_note_error (aTHX_ ph, what,
-                   "was not run: the handle was made in process %ld, this is "
-                   "%ld (fork)", (long) pid, (long) getpid ());
-  else
-    pf_note_error (aTHX_ ph, what,
-                   "was not run: Perl is in global destruction (clean up "
-                   "before the program ends)");
-  return false;
+  errno = err;
 }
 
 static const char *const level_names[] = { "error", "warning", "info", "debug" };
@@ -333,14 +435,14 @@ static const char *const level_names[] = { "error", "warning", "info", "debug" }
 static void
 pf_log_cb (void *opaque, int level, const char *msg)
 {
-  PFHandle *ph = opaque;
+  PFCallback *c = opaque;
   dTHX;
   SV *ret;
 
-  if (!pf_may_call (aTHX_ ph->pid)) {
+  if (!pf_may_call (aTHX_ c->ph->pid)) {
     /* At exit a warning such as "handle freed with a run still set up"
      * must not be lost. */
-    if (ph->pid == getpid () && level >= 0 && level <= FLEECE_LOG_WARNING)
+    if (c->ph->pid == getpid () && level >= 0 && level <= FLEECE_LOG_WARNING)
       warn ("Fleece: %s: %s\n", level_names[level], msg);
     return;
   }
@@ -353,7 +455,7 @@ pf_log_cb (void *opaque, int level, const char *msg)
     mPUSHi (level);
     mPUSHp (msg, strlen (msg));
     PUTBACK;
-    ret = pf_call (aTHX_ ph, ph->log_cb, "log");
+    ret = pf_call (aTHX_ c->cb, c->ph, "log", NULL, NULL);
     FREETMPS;
     LEAVE;
   }
@@ -363,11 +465,11 @@ pf_log_cb (void *opaque, int level, const char *msg)
 static void
 pf_progress_cb (void *opaque, const char *drive, uint64_t done, uint64_t total)
 {
-  PFHandle *ph = opaque;
+  PFCallback *c = opaque;
   dTHX;
   SV *ret;
 
-  if (!pf_may_call (aTHX_ ph->pid))
+  if (!pf_may_call (aTHX_ c->ph->pid))
     return;
   {
     dSP;
@@ -379,23 +481,33 @@ pf_progress_cb (void *opaque, const char *drive, uint64_t done, uint64_t total)
     mPUSHu ((UV) done);
     mPUSHu ((UV) total);
     PUTBACK;
-    ret = pf_call (aTHX_ ph, ph->progress_cb, "progress");
+    ret = pf_call (aTHX_ c->cb, c->ph, "progress", NULL, NULL);
     FREETMPS;
     LEAVE;
   }
   SvREFCNT_dec (ret);
 }
 
-static int
-pf_record_load_cb (void *opaque, uint32_t vmid, char **json)
+static void
+pf_callback_free (void *opaque)
 {
-  PFHandle *ph = opaque;
+  PFCallback *c = opaque;
+  dTHX;
+
+  SvREFCNT_dec (c->cb);
+  Safefree (c);
+}
+
+static int
+pf_record_load_cb (void *opaque, uint32_t vmid, char **json, char **reason)
+{
+  PFRecord *r = opaque;
   dTHX;
   SV *ret;
-  char *out = NULL;
+  int err = 0;
 
   *json = NULL;
-  if (!pf_forked_check (aTHX_ ph, ph->pid, "record load"))
+  if ((*reason = pf_refusal (aTHX_ r->pid, "record load")))
     goto fail;
   {
     dSP;
@@ -404,36 +516,36 @@ pf_record_load_cb (void *opaque, uint32_t vmid, char **json)
     PUSHMARK (SP);
     mXPUSHu ((UV) vmid);
     PUTBACK;
-    ret = pf_call (aTHX_ ph, ph->load_cb, "record load");
+    ret = pf_call (aTHX_ r->load, NULL, "record load", reason, &err);
     FREETMPS;
     LEAVE;
   }
   if (!ret)
     goto fail;
-  if (SvOK (ret)) {     /* undef: there is no record */
-    out = pf_result_str (aTHX_ ph, ret, "record load", "the record");
-    if (!out) {
-      SvREFCNT_dec (ret);
-      goto fail;
-    }
-  }
+  /* undef: there is no record. */
+  if (SvOK (ret) && !(*json = pf_result_str (aTHX_ ret, "record load",
+                                             "the record", reason)))
+    err = EINVAL;
   SvREFCNT_dec (ret);
-  *json = out;
+  if (*reason)
+    goto fail;
   return 0;
 
  fail:
-  errno = EIO;
+  pf_failed (err);
   return -1;
 }
 
 static int
-pf_record_store_cb (void *opaque, uint32_t vmid, const char *json)
+pf_record_store_cb (void *opaque, uint32_t vmid, const char *json,
+                    char **reason)
 {
-  PFHandle *ph = opaque;
+  PFRecord *r = opaque;
   dTHX;
   SV *ret;
+  int err = 0;
 
-  if (!pf_forked_check (aTHX_ ph, ph->pid, "record store"))
+  if ((*reason = pf_refusal (aTHX_ r->pid, "record store")))
     goto fail;
   {
     dSP;
@@ -447,7 +559,7 @@ pf_record_store_cb (void *opaque, uint32_t vmid, const char *json)
     else
       PUSHs (&PL_sv_undef);
     PUTBACK;
-    ret = pf_call (aTHX_ ph, ph->store_cb, "record store");
+    ret = pf_call (aTHX_ r->store, NULL, "record store", reason, &err);
     FREETMPS;
     LEAVE;
   }
@@ -457,123 +569,137 @@ pf_record_store_cb (void *opaque, uint32_t vmid, const char *json)
   return 0;
 
  fail:
-  errno = EIO;
+  pf_failed (err);
   return -1;
 }
 
-static int
-pf_storage_alloc_cb (void *opaque, const char *name, const char *format,
-                     uint64_t size, char **volid)
+static void
+pf_record_free (void *opaque)
 {
-  PFStorageCb *cb = opaque;
+  PFRecord *r = opaque;
   dTHX;
-  SV *ret;
-  char *out;
 
-  if (!pf_forked_check (aTHX_ cb->owner, cb->pid, "storage alloc"))
-    goto fail;
+  SvREFCNT_dec (r->load);
+  SvREFCNT_dec (r->store);
+  Safefree (r);
+}
+
+/* Call a storage callback with string arguments (and, for alloc, a size);
+ * the copy of its result, or NULL with *reason and *err. */
+static SV *
+pf_storage_call (pTHX_ PFStorageCb *s, SV *cb, const char *what,
+                 const char *a1, const char *a2, const uint64_t *size,
+                 char **reason, int *err)
+{
+  SV *ret;
+
+  *err = 0;
+  if ((*reason = pf_refusal (aTHX_ s->pid, what)))
+    return NULL;
   {
     dSP;
     ENTER;
     SAVETMPS;
     PUSHMARK (SP);
     EXTEND (SP, 3);
-    mPUSHp (name, strlen (name));
-    mPUSHp (format, strlen (format));
-    mPUSHu ((UV) size);
+    mPUSHp (a1, strlen (a1));
+    if (a2)
+      mPUSHp (a2, strlen (a2));
+    if (size)
+      mPUSHu ((UV) *size);
     PUTBACK;
-    ret = pf_call (aTHX_ cb->owner, cb->alloc_cb, "storage alloc");
+    ret = pf_call (aTHX_ cb, NULL, what, reason, err);
     FREETMPS;
     LEAVE;
   }
-  if (!ret)
-    goto fail;
-  out = pf_result_str (aTHX_ cb->owner, ret, "storage alloc", "a volume id");
-  SvREFCNT_dec (ret);
-  if (!out)
-    goto fail;
-  *volid = out;
-  return 0;
+  return ret;
+}
 
- fail:
-  errno = EIO;
+static int
+pf_storage_alloc_cb (void *opaque, const char *name, const char *format,
+                     uint64_t size, char **volid, char **reason)
+{
+  PFStorageCb *s = opaque;
+  dTHX;
+  int err;
+  SV *ret = pf_storage_call (aTHX_ s, s->alloc, "storage alloc", name, format,
+                             &size, reason, &err);
+
+  if (ret) {
+    *volid = pf_result_str (aTHX_ ret, "storage alloc", "a volume id", reason);
+    SvREFCNT_dec (ret);
+    if (*volid)
+      return 0;
+    err = EINVAL;
+  }
+  pf_failed (err);
   return -1;
 }
 
 static int
-pf_storage_free_cb (void *opaque, const char *volid)
+pf_storage_remove_cb (void *opaque, const char *volid, char **reason)
 {
-  PFStorageCb *cb = opaque;
+  PFStorageCb *s = opaque;
   dTHX;
-  SV *ret;
+  int err;
+  SV *ret = pf_storage_call (aTHX_ s, s->remove, "storage remove", volid, NULL,
+                             NULL, reason, &err);
 
-  if (!pf_forked_check (aTHX_ cb->owner, cb->pid, "storage free"))
-    goto fail;
-  {
-    dSP;
-    ENTER;
-    SAVETMPS;
-    PUSHMARK (SP);
-    mXPUSHp (volid, strlen (volid));
-    PUTBACK;
-    ret = pf_call (aTHX_ cb->owner, cb->free_cb, "storage free");
-    FREETMPS;
-    LEAVE;
+  if (ret) {
+    SvREFCNT_dec (ret);
+    return 0;
   }
-  if (!ret)
-    goto fail;
-  SvREFCNT_dec (ret);
-  return 0;
-
- fail:
-  errno = EIO;
+  pf_failed (err);
   return -1;
 }
 
+/* path and blockdev: a string result, or NULL. */
 static char *
-pf_storage_path_cb (void *opaque, const char *volid)
+pf_storage_string_cb (PFStorageCb *s, SV *cb, const char *what,
+                      const char *expected, const char *volid, char **reason)
 {
-  PFStorageCb *cb = opaque;
   dTHX;
-  SV *ret;
-  char *out;
+  int err;
+  char *out = NULL;
+  SV *ret = pf_storage_call (aTHX_ s, cb, what, volid, NULL, NULL, reason, &err);
 
-  if (!pf_forked_check (aTHX_ cb->owner, cb->pid, "storage path"))
-    goto fail;
-  {
-    dSP;
-    ENTER;
-    SAVETMPS;
-    PUSHMARK (SP);
-    mXPUSHp (volid, strlen (volid));
-    PUTBACK;
-    ret = pf_call (aTHX_ cb->owner, cb->path_cb, "storage path");
-    FREETMPS;
-    LEAVE;
+  if (ret) {
+    out = pf_result_str (aTHX_ ret, what, expected, reason);
+    SvREFCNT_dec (ret);
+    err = EINVAL;
   }
-  if (!ret)
-    goto fail;
-  out = pf_result_str (aTHX_ cb->owner, ret, "storage path", "a path");
-  SvREFCNT_dec (ret);
   if (!out)
-    goto fail;
+    pf_failed (err);
   return out;
+}
 
- fail:
-  errno = EIO;
-  return NULL;
+static char *
+pf_storage_path_cb (void *opaque, const char *volid, char **reason)
+{
+  PFStorageCb *s = opaque;
+  return pf_storage_string_cb (s, s->path, "storage path", "a path", volid, reason);
+}
+
+/* The .pm encodes a hash ref as JSON before it gets here. */
+static char *
+pf_storage_blockdev_cb (void *opaque, const char *volid, char **reason)
+{
+  PFStorageCb *s = opaque;
+  return pf_storage_string_cb (s, s->blockdev, "storage blockdev",
+                               "a blockdev definition", volid, reason);
 }
 
 static void
 pf_storage_cb_free (void *opaque)
 {
-  PFStorageCb *cb = opaque;
+  PFStorageCb *s = opaque;
   dTHX;
 
-  SvREFCNT_dec (cb->alloc_cb);
-  SvREFCNT_dec (cb->free_cb);
-  SvREFCNT_dec (cb->path_cb);
-  Safefree (cb);
+  SvREFCNT_dec (s->alloc);
+  SvREFCNT_dec (s->remove);
+  SvREFCNT_dec (s->path);
+  SvREFCNT_dec (s->blockdev);
+  Safefree (s);
 }
 
 /* Replace *slot with a copy of the code ref cb (or NULL). */
@@ -592,6 +718,64 @@ pf_wrap (pTHX_ const char *class, void *p)
   return sv_setref_pv (newSV (0), class, p);
 }
 
+/* A callback storage that has not been given to a handle yet. */
+static PFStorageCb *
+pf_storage_cb (pTHX_ SV *self)
+{
+  PFStorage *ps = pf_unwrap (aTHX_ self, "Fleece::Raw::Storage", "storage");
+
+  if (!ps->cb)
+    croak ("Fleece: only a callback storage takes callbacks\n");
+  return ps->cb;
+}
+
+/* wait() in slices; between them Perl's deferred signal handlers run (and
+ * may cancel, or die out of the wait). */
+static double
+pf_now_ms (void)
+{
+  struct timespec ts;
+
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1000.0 + ts.tv_nsec / 1e6;
+}
+
+static void
+pf_not_busy (pTHX_ void *p)
+{
+  ((PFHandle *) p)->busy = false;
+}
+
+static int
+pf_wait (pTHX_ PFHandle *ph, int timeout_ms)
+{
+  double deadline = pf_now_ms () + timeout_ms;
+  int r;
+
+  pf_enter (aTHX_ ph);
+  /* A signal handler may die out of this: the handle is usable again. */
+  ENTER;
+  SAVEDESTRUCTOR_X (pf_not_busy, ph);
+  for (;;) {
+    int slice = PF_WAIT_SLICE_MS;
+
+    if (timeout_ms >= 0) {
+      double left = deadline - pf_now_ms ();
+      slice = left <= 0 ? 0 : left < slice ? (int) left : slice;
+    }
+    r = fleece_wait (ph->h, slice);
+    if (r != 0 || slice < PF_WAIT_SLICE_MS)
+      break;
+    /* Not busy meanwhile: a handler may call the handle's methods. */
+    ph->busy = false;
+    PERL_ASYNC_CHECK ();
+    ph->busy = true;
+  }
+  LEAVE;
+  pf_leave (aTHX_ ph, r < 0);
+  return r;
+}
+
 MODULE = Fleece		PACKAGE = Fleece::Raw		PREFIX = fleece_
 
 PROTOTYPES: DISABLE
@@ -600,32 +784,31 @@ BOOT:
 {
   HV *stash = gv_stashpv ("Fleece", GV_ADD);
 #define C(name, value) newCONSTSUB (stash, name, newSViv (value))
+  /* t/api-coverage.t checks that every numeric macro of fleece.h is here. */
+  C ("VERSION_MAJOR", FLEECE_VERSION_MAJOR);
+  C ("VERSION_MINOR", FLEECE_VERSION_MINOR);
   C ("LOG_ERROR", FLEECE_LOG_ERROR);
   C ("LOG_WARNING", FLEECE_LOG_WARNING);
   C ("LOG_INFO", FLEECE_LOG_INFO);
   C ("LOG_DEBUG", FLEECE_LOG_DEBUG);
-  C ("ENGINE_AUTO", FLEECE_ENGINE_AUTO);
-  C ("ENGINE_QEMU", FLEECE_ENGINE_QEMU);
-  C ("ENGINE_PVE", FLEECE_ENGINE_PVE);
   C ("STORAGE_QCOW2", FLEECE_STORAGE_QCOW2);
   C ("STORAGE_DISCARD", FLEECE_STORAGE_DISCARD);
   C ("STORAGE_PATH", FLEECE_STORAGE_PATH);
+  C ("ENGINE_AUTO", FLEECE_ENGINE_AUTO);
+  C ("ENGINE_QEMU", FLEECE_ENGINE_QEMU);
+  C ("ENGINE_PVE", FLEECE_ENGINE_PVE);
   C ("PLAN_ALL_DRIVES", FLEECE_PLAN_ALL_DRIVES);
   C ("PLAN_NO_FLEECING", FLEECE_PLAN_NO_FLEECING);
-  /* Additions are guarded by their feature macro, so the binding builds
-   * against older and newer headers alike (t/api-coverage.t checks that
-   * every macro of the header it is tested with is here). */
-#ifdef FLEECE_HAVE_PLAN_FLEECING_OPTIONAL
   C ("PLAN_FLEECING_OPTIONAL", FLEECE_PLAN_FLEECING_OPTIONAL);
-  C ("HAVE_PLAN_FLEECING_OPTIONAL", FLEECE_HAVE_PLAN_FLEECING_OPTIONAL);
-#endif
-  C ("HAVE_LIFECYCLE", FLEECE_HAVE_LIFECYCLE);
-  C ("HAVE_DIR_TARGET", FLEECE_HAVE_DIR_TARGET);
-  C ("HAVE_NBD_TARGET", FLEECE_HAVE_NBD_TARGET);
-  C ("HAVE_PVE_TARGET", FLEECE_HAVE_PVE_TARGET);
-#ifdef FLEECE_HAVE_DRIVE_RESULT
-  C ("HAVE_DRIVE_RESULT", FLEECE_HAVE_DRIVE_RESULT);
-#endif
+  C ("BITMAP_USE", FLEECE_BITMAP_USE);
+  C ("BITMAP_NEW", FLEECE_BITMAP_NEW);
+  C ("STAT_DONE", FLEECE_STAT_DONE);
+  C ("STAT_TOTAL", FLEECE_STAT_TOTAL);
+  C ("STAT_ZERO", FLEECE_STAT_ZERO);
+  C ("STAT_REUSED", FLEECE_STAT_REUSED);
+  C ("STAT_DIRTY", FLEECE_STAT_DIRTY);
+  C ("STAT_FINISHING", FLEECE_STAT_FINISHING);
+  C ("STAT_ELAPSED_MS", FLEECE_STAT_ELAPSED_MS);
 #undef C
 }
 
@@ -645,9 +828,12 @@ SV *
 new (const char *class)
   PREINIT:
     PFHandle *ph;
+    struct fleece_handle *h;
   CODE:
+    if (!(h = fleece_new ()))
+      pf_fail (aTHX);
     Newxz (ph, 1, PFHandle);
-    ph->h = fleece_new ();
+    ph->h = h;
     ph->pid = getpid ();
     RETVAL = pf_wrap (aTHX_ class, ph);
   OUTPUT:
@@ -662,16 +848,13 @@ DESTROY (SV *self)
     if (!ph)
       XSRETURN_EMPTY;
     sv_setiv (SvRV (self), 0);
-    /* In a forked child the callbacks are muted (pf_may_call), so this only
-     * closes the child's copies of the descriptors and frees memory. */
+    /* Frees the callbacks' user data (their free functions); in a forked
+     * child the callbacks are muted (pf_may_call), so this only closes the
+     * child's copies of the descriptors and frees memory. */
     fleece_free (ph->h);
-    SvREFCNT_dec (ph->log_cb);
-    SvREFCNT_dec (ph->progress_cb);
-    SvREFCNT_dec (ph->load_cb);
-    SvREFCNT_dec (ph->store_cb);
-    if (ph->errors && pf_may_call (aTHX_ ph->pid))
-      warn ("Fleece: %" SVf "\n", SVfARG (ph->errors));
-    SvREFCNT_dec (ph->errors);
+    if (ph->warnings && pf_may_call (aTHX_ ph->pid))
+      warn ("Fleece: %" SVf "\n", SVfARG (ph->warnings));
+    SvREFCNT_dec (ph->warnings);
     Safefree (ph);
 
 void
@@ -692,10 +875,11 @@ set_vmid (PFHandle *ph, PF_U32 vmid)
     pf_enter (aTHX_ ph);
     pf_leave (aTHX_ ph, fleece_set_vmid (ph->h, vmid) < 0);
 
-UV
+IV
 get_vmid (PFHandle *ph)
   CODE:
-    RETVAL = fleece_get_vmid (ph->h);
+    if ((RETVAL = fleece_get_vmid (ph->h)) < 0)
+      pf_fail (aTHX);
   OUTPUT:
     RETVAL
 
@@ -709,19 +893,17 @@ void
 set_storage (PFHandle *ph, SV *storage)
   PREINIT:
     PFStorage *ps;
+    int r;
   CODE:
     ps = pf_unwrap (aTHX_ storage, "Fleece::Raw::Storage", "storage");
     pf_enter (aTHX_ ph);
-    if (fleece_set_storage (ph->h, ps->st) < 0)
-      pf_leave (aTHX_ ph, true);
-    /* The handle owns it now; its callbacks report to this handle. */
-    if (ps->cb)
-      ps->cb->owner = ph;
+    r = fleece_set_storage (ph->h, ps->st);
+    /* The handle took it, also on failure. */
     ps->st = NULL;
     ps->cb = NULL;
     sv_setiv (SvRV (storage), 0);
     Safefree (ps);
-    pf_leave (aTHX_ ph, false);
+    pf_leave (aTHX_ ph, r < 0);
 
 void
 set_engine (PFHandle *ph, PF_INT engine)
@@ -732,8 +914,7 @@ set_engine (PFHandle *ph, PF_INT engine)
 int
 get_engine (PFHandle *ph)
   CODE:
-    RETVAL = fleece_get_engine (ph->h);
-    if (RETVAL < 0)
+    if ((RETVAL = fleece_get_engine (ph->h)) < 0)
       pf_fail (aTHX);
   OUTPUT:
     RETVAL
@@ -792,10 +973,10 @@ set_bwlimit (PFHandle *ph, PF_U64 kib_per_s)
     pf_leave (aTHX_ ph, fleece_set_bwlimit (ph->h, kib_per_s) < 0);
 
 void
-set_bitmap (PFHandle *ph, PF_OPTSTR name)
+set_bitmap (PFHandle *ph, PF_OPTSTR name, PF_INT mode)
   CODE:
     pf_enter (aTHX_ ph);
-    pf_leave (aTHX_ ph, fleece_set_bitmap (ph->h, name) < 0);
+    pf_leave (aTHX_ ph, fleece_set_bitmap (ph->h, name, mode) < 0);
 
 void
 set_cbw_timeout (PFHandle *ph, PF_UINT seconds)
@@ -805,32 +986,45 @@ set_cbw_timeout (PFHandle *ph, PF_UINT seconds)
 
 void
 set_log_callback (PFHandle *ph, PF_CODE cb)
+  ALIAS:
+    set_progress_callback = 1
+  PREINIT:
+    PFCallback *c = NULL;
+    int r;
   CODE:
     pf_enter (aTHX_ ph);
-    if (fleece_set_log_callback (ph->h, cb ? pf_log_cb : NULL, ph) < 0)
-      pf_leave (aTHX_ ph, true);
-    pf_keep (aTHX_ &ph->log_cb, cb);
-    pf_leave (aTHX_ ph, false);
-
-void
-set_progress_callback (PFHandle *ph, PF_CODE cb)
-  CODE:
-    pf_enter (aTHX_ ph);
-    if (fleece_set_progress_callback (ph->h, cb ? pf_progress_cb : NULL, ph) < 0)
-      pf_leave (aTHX_ ph, true);
-    pf_keep (aTHX_ &ph->progress_cb, cb);
-    pf_leave (aTHX_ ph, false);
+    if (cb) {
+      Newxz (c, 1, PFCallback);
+      c->cb = newSVsv (cb);
+      c->ph = ph;
+    }
+    r = ix == 0
+      ? fleece_set_log_callback (ph->h, c ? pf_log_cb : NULL, c, c ? pf_callback_free : NULL)
+      : fleece_set_progress_callback (ph->h, c ? pf_progress_cb : NULL, c,
+                                      c ? pf_callback_free : NULL);
+    if (r < 0 && c)
+      pf_callback_free (c);     /* not taken */
+    pf_leave (aTHX_ ph, r < 0);
 
 void
 set_record_callback (PFHandle *ph, PF_CODE load, PF_CODE store)
+  PREINIT:
+    PFRecord *rec = NULL;
+    int r;
   CODE:
     pf_enter (aTHX_ ph);
-    if (fleece_set_record_callback (ph->h, load ? pf_record_load_cb : NULL,
-                                    store ? pf_record_store_cb : NULL, ph) < 0)
-      pf_leave (aTHX_ ph, true);
-    pf_keep (aTHX_ &ph->load_cb, load);
-    pf_keep (aTHX_ &ph->store_cb, store);
-    pf_leave (aTHX_ ph, false);
+    if (load || store) {
+      Newxz (rec, 1, PFRecord);
+      rec->pid = getpid ();
+      rec->load = load ? newSVsv (load) : NULL;
+      rec->store = store ? newSVsv (store) : NULL;
+    }
+    r = fleece_set_record_callback (ph->h, load ? pf_record_load_cb : NULL,
+                                    store ? pf_record_store_cb : NULL, rec,
+                                    rec ? pf_record_free : NULL);
+    if (r < 0 && rec)
+      pf_record_free (rec);
+    pf_leave (aTHX_ ph, r < 0);
 
 SV *
 plan (PFHandle *ph)
@@ -845,31 +1039,39 @@ plan (PFHandle *ph)
     RETVAL
 
 void
-attach (PFHandle *ph, PFPlan *p)
+attach (PFHandle *ph, PFPlan *p, PF_UINT flags)
   CODE:
     pf_enter (aTHX_ ph);
-    pf_leave (aTHX_ ph, fleece_attach (ph->h, p) < 0);
+    pf_leave (aTHX_ ph, fleece_attach (ph->h, p, flags) < 0);
 
 void
-start (PFHandle *ph, PFPlan *p, PFTarget *t)
+start (PFHandle *ph, PFPlan *p, PFTarget *t, PF_UINT flags)
   CODE:
     pf_enter (aTHX_ ph);
-    pf_leave (aTHX_ ph, fleece_start (ph->h, p, t) < 0);
+    pf_leave (aTHX_ ph, fleece_start (ph->h, p, t, flags) < 0);
 
 int
 wait (PFHandle *ph, PF_INT timeout_ms)
   CODE:
-    pf_enter (aTHX_ ph);
-    RETVAL = fleece_wait (ph->h, timeout_ms);
-    pf_leave (aTHX_ ph, RETVAL < 0);
+    RETVAL = pf_wait (aTHX_ ph, timeout_ms);
   OUTPUT:
     RETVAL
 
-void
+int
 cancel (PFHandle *ph)
   CODE:
-    pf_enter (aTHX_ ph);
-    pf_leave (aTHX_ ph, fleece_cancel (ph->h) < 0);
+    /* No busy check and no croak: this is what a %SIG handler calls, also
+     * while wait() runs.  0: no run is set up (nothing to cancel). */
+    if (fleece_cancel (ph->h) == 0)
+      RETVAL = 1;
+    else if (errno == EINVAL)
+      RETVAL = 0;
+    else
+      pf_croak_error (aTHX_ errno == EPERM
+                      ? "fleece_cancel: the handle belongs to another process (fork)"
+                      : "fleece_cancel: cannot cancel", errno);
+  OUTPUT:
+    RETVAL
 
 void
 get_progress (PFHandle *ph)
@@ -892,6 +1094,21 @@ get_drive_progress (PFHandle *ph, PF_STR key)
     EXTEND (SP, 2);
     mPUSHu ((UV) done);
     mPUSHu ((UV) total);
+
+SV *
+get_stat (PFHandle *ph, PF_OPTSTR key, PF_INT stat)
+  PREINIT:
+    uint64_t v = 0;
+  CODE:
+    /* A figure the engine does not know is undef, not a failure. */
+    if (fleece_get_stat (ph->h, key, stat, &v) == 0)
+      RETVAL = newSVuv ((UV) v);
+    else if (fleece_get_errno () == ENOTSUP)
+      RETVAL = &PL_sv_undef;
+    else
+      pf_fail (aTHX);
+  OUTPUT:
+    RETVAL
 
 SV *
 get_drive_result (PFHandle *ph, PF_STR key)
@@ -928,11 +1145,24 @@ get_record (PFHandle *ph)
   OUTPUT:
     RETVAL
 
-void
-cleanup (PFHandle *ph)
+SV *
+get_status (PFHandle *ph, PF_UINT flags)
+  PREINIT:
+    char *json;
   CODE:
     pf_enter (aTHX_ ph);
-    pf_leave (aTHX_ ph, fleece_cleanup (ph->h) < 0);
+    json = fleece_get_status (ph->h, flags);
+    pf_leave (aTHX_ ph, !json);
+    RETVAL = newSVpv (json, 0);
+    free (json);
+  OUTPUT:
+    RETVAL
+
+void
+cleanup (PFHandle *ph, PF_UINT flags)
+  CODE:
+    pf_enter (aTHX_ ph);
+    pf_leave (aTHX_ ph, fleece_cleanup (ph->h, flags) < 0);
 
 
 MODULE = Fleece		PACKAGE = Fleece::Raw::Plan
@@ -943,50 +1173,49 @@ DESTROY (SV *self)
     fleece_plan_free (INT2PTR (PFPlan *, SvIV (SvRV (self))));
     sv_setiv (SvRV (self), 0);
 
-UV
-get_drive_count (PFPlan *p)
-  CODE:
-    RETVAL = fleece_plan_get_drive_count (p);
-  OUTPUT:
-    RETVAL
-
-const char *
-get_key (PFPlan *p, PF_U64 i)
-  CODE:
-    if (!(RETVAL = fleece_plan_get_key (p, i)))
-      pf_fail (aTHX);
-  OUTPUT:
-    RETVAL
-
-const char *
-get_device (PFPlan *p, PF_U64 i)
-  CODE:
-    if (!(RETVAL = fleece_plan_get_device (p, i)))
-      pf_fail (aTHX);
-  OUTPUT:
-    RETVAL
-
-UV
-get_size (PFPlan *p, PF_U64 i)
-  CODE:
-    if (i >= fleece_plan_get_drive_count (p)) {
-      fleece_plan_get_size (p, i);      /* sets the error */
-      pf_fail (aTHX);
-    }
-    RETVAL = fleece_plan_get_size (p, i);
-  OUTPUT:
-    RETVAL
-
 int
-get_fleeced (PFPlan *p, PF_U64 i)
+get_drive_count (PFPlan *p)
+  ALIAS:
+    get_skipped_count = 1
   CODE:
-    if ((RETVAL = fleece_plan_get_fleeced (p, i)) < 0)
+    RETVAL = ix == 0 ? fleece_plan_get_drive_count (p) : fleece_plan_get_skipped_count (p);
+    if (RETVAL < 0)
+      pf_fail (aTHX);
+  OUTPUT:
+    RETVAL
+
+const char *
+get_key (PFPlan *p, PF_INT i)
+  ALIAS:
+    get_device = 1
+    get_skipped_name = 2
+    get_skipped_reason = 3
+  CODE:
+    RETVAL = ix == 0 ? fleece_plan_get_key (p, i)
+      : ix == 1 ? fleece_plan_get_device (p, i)
+      : ix == 2 ? fleece_plan_get_skipped_name (p, i)
+      : fleece_plan_get_skipped_reason (p, i);
+    if (!RETVAL)
+      pf_fail (aTHX);
+  OUTPUT:
+    RETVAL
+
+IV
+get_size (PFPlan *p, PF_INT i)
+  ALIAS:
+    get_cluster_size = 1
+    get_fleeced = 2
+  CODE:
+    RETVAL = ix == 0 ? fleece_plan_get_size (p, i)
+      : ix == 1 ? fleece_plan_get_cluster_size (p, i)
+      : fleece_plan_get_fleeced (p, i);
+    if (RETVAL < 0)
       pf_fail (aTHX);
   OUTPUT:
     RETVAL
 
 SV *
-get_reason (PFPlan *p, PF_U64 i)
+get_reason (PFPlan *p, PF_INT i)
   ALIAS:
     get_image = 1
     get_format = 2
@@ -998,20 +1227,11 @@ get_reason (PFPlan *p, PF_U64 i)
     s = ix == 0 ? fleece_plan_get_reason (p, i)
       : ix == 1 ? fleece_plan_get_image (p, i)
       : fleece_plan_get_format (p, i);
-    if (!s && i >= fleece_plan_get_drive_count (p))
-      pf_fail (aTHX);
-    RETVAL = s ? newSVpv (s, 0) : &PL_sv_undef;
-  OUTPUT:
-    RETVAL
-
-UV
-get_cluster_size (PFPlan *p, PF_U64 i)
-  CODE:
-    if (i >= fleece_plan_get_drive_count (p)) {
-      fleece_plan_get_cluster_size (p, i);
+    if (!s && (i < 0 || i >= fleece_plan_get_drive_count (p))) {
+      fleece_plan_get_key (p, i);       /* sets the error */
       pf_fail (aTHX);
     }
-    RETVAL = fleece_plan_get_cluster_size (p, i);
+    RETVAL = s ? newSVpv (s, 0) : &PL_sv_undef;
   OUTPUT:
     RETVAL
 
@@ -1045,7 +1265,21 @@ new_dir (const char *class, PF_STR dir)
     RETVAL
 
 SV *
-new_callback (const char *class, PF_UINT flags, PF_CODE alloc, PF_CODE free_image, PF_CODE path)
+new_rbd (const char *class, PF_STR pool, PF_OPTSTR ns)
+  PREINIT:
+    PFStorage *ps;
+    struct fleece_storage *st;
+  CODE:
+    if (!(st = fleece_storage_new_rbd (pool, ns)))
+      pf_fail (aTHX);
+    Newxz (ps, 1, PFStorage);
+    ps->st = st;
+    RETVAL = pf_wrap (aTHX_ class, ps);
+  OUTPUT:
+    RETVAL
+
+SV *
+new_callback (const char *class, PF_STR id, PF_UINT flags)
   PREINIT:
     PFStorage *ps;
     PFStorageCb *cb;
@@ -1053,24 +1287,57 @@ new_callback (const char *class, PF_UINT flags, PF_CODE alloc, PF_CODE free_imag
   CODE:
     Newxz (cb, 1, PFStorageCb);
     cb->pid = getpid ();
-    st = fleece_storage_new_callback (flags,
-                                      alloc ? pf_storage_alloc_cb : NULL,
-                                      free_image ? pf_storage_free_cb : NULL,
-                                      path ? pf_storage_path_cb : NULL,
-                                      cb, pf_storage_cb_free);
-    if (!st) {
+    if (!(st = fleece_storage_new_callback (id, flags, cb, pf_storage_cb_free))) {
       Safefree (cb);    /* still ours: the library did not take it */
       pf_fail (aTHX);
     }
-    cb->alloc_cb = newSVsv (alloc);
-    cb->free_cb = newSVsv (free_image);
-    cb->path_cb = newSVsv (path);
     Newxz (ps, 1, PFStorage);
     ps->st = st;
     ps->cb = cb;
     RETVAL = pf_wrap (aTHX_ class, ps);
   OUTPUT:
     RETVAL
+
+void
+set_option (SV *self, PF_STR key, PF_OPTSTR value)
+  PREINIT:
+    PFStorage *ps;
+  CODE:
+    ps = pf_unwrap (aTHX_ self, "Fleece::Raw::Storage", "storage");
+    if (fleece_storage_set_option (ps->st, key, value) < 0)
+      pf_fail (aTHX);
+
+void
+set_alloc_callback (SV *self, PF_CODE fn)
+  ALIAS:
+    set_remove_callback = 1
+    set_path_callback = 2
+    set_blockdev_callback = 3
+  PREINIT:
+    PFStorage *ps;
+    PFStorageCb *cb;
+    int r;
+  CODE:
+    cb = pf_storage_cb (aTHX_ self);
+    ps = INT2PTR (PFStorage *, SvIV (SvRV (self)));
+    switch (ix) {
+    case 0:
+      r = fleece_storage_set_alloc_callback (ps->st, fn ? pf_storage_alloc_cb : NULL);
+      break;
+    case 1:
+      r = fleece_storage_set_remove_callback (ps->st, fn ? pf_storage_remove_cb : NULL);
+      break;
+    case 2:
+      r = fleece_storage_set_path_callback (ps->st, fn ? pf_storage_path_cb : NULL);
+      break;
+    default:
+      r = fleece_storage_set_blockdev_callback (ps->st, fn ? pf_storage_blockdev_cb : NULL);
+      break;
+    }
+    if (r < 0)
+      pf_fail (aTHX);
+    pf_keep (aTHX_ ix == 0 ? &cb->alloc : ix == 1 ? &cb->remove
+             : ix == 2 ? &cb->path : &cb->blockdev, fn);
 
 void
 DESTROY (SV *self)
@@ -1100,25 +1367,40 @@ new_dir (const char *class, PF_STR dir, PF_OPTSTR format)
 
 SV *
 new_nbd (const char *class, PF_STR uri)
+  ALIAS:
+    new_pve = 1
   PREINIT:
     PFTarget *t;
   CODE:
-    if (!(t = fleece_target_new_nbd (uri)))
+    if (!(t = ix == 0 ? fleece_target_new_nbd (uri) : fleece_target_new_pve (uri)))
       pf_fail (aTHX);
     RETVAL = pf_wrap (aTHX_ class, t);
   OUTPUT:
     RETVAL
 
 SV *
-new_pve (const char *class, PF_STR json_args)
+new_fd (const char *class, PF_INT fd, PF_STR format)
   PREINIT:
     PFTarget *t;
   CODE:
-    if (!(t = fleece_target_new_pve (json_args)))
+    /* The target takes fd, also when this fails. */
+    if (!(t = fleece_target_new_fd (fd, format)))
       pf_fail (aTHX);
     RETVAL = pf_wrap (aTHX_ class, t);
   OUTPUT:
     RETVAL
+
+void
+set_base (PFTarget *t, PF_OPTSTR base_dir)
+  CODE:
+    if (fleece_target_set_base (t, base_dir) < 0)
+      pf_fail (aTHX);
+
+void
+set_pve_args (PFTarget *t, PF_STR json_args)
+  CODE:
+    if (fleece_target_set_pve_args (t, json_args) < 0)
+      pf_fail (aTHX);
 
 void
 DESTROY (SV *self)

@@ -30,7 +30,7 @@ my ($prefix) = map { m/^install=(.+)$/ ? $1 : () } @flags;
 $stamp = abs_path(dirname($stamp)) . '/' . (split m{/}, $stamp)[-1];
 
 # Copy only what changed, so that make rebuilds only what it must.
-for my $file (qw(Makefile.PL Fleece.xs typemap lib/Fleece.pm)) {
+for my $file (qw(Makefile.PL Fleece.xs typemap lib/Fleece.pm lib/Fleece/Error.pm)) {
     my ($from, $to) = ("$srcdir/$file", "$outdir/$file");
     make_path(dirname($to));
     next if -e $to && compare($from, $to) == 0;
@@ -45,10 +45,12 @@ if (defined($prefix)) {
     $ENV{FLEECE_UNINSTALLED} = 1;
 }
 $ENV{FLEECE_WERROR} = $werror ? 1 : 0;
+# An install by meson (or a package built from it) is not CPAN's to track:
+# no .packlist.
 my @where = !defined($prefix) ? ()
-    : $prefix eq '/usr' ? ('INSTALLDIRS=vendor')
-    : $prefix eq $Config{siteprefix} ? ('INSTALLDIRS=site')
-    : ("INSTALL_BASE=$prefix");
+    : ('NO_PACKLIST=1', $prefix eq '/usr' ? ('INSTALLDIRS=vendor')
+        : $prefix eq $Config{siteprefix} ? ('INSTALLDIRS=site')
+        : ("INSTALL_BASE=$prefix"));
 # ninja's jobserver is not make's; keep make's output in order.
 delete @ENV{qw(MAKEFLAGS MFLAGS)};
 

@@ -1,8 +1,9 @@
 package Fleece;
 
-# The Perl binding of libfleece: options by name, plans as Perl data, and
-# refusal of handles used after fork.  The C calls themselves are in
-# Fleece.xs, one method per C function (Fleece::Raw::*).
+# The Perl binding of libfleece 1.0: options by name, plans and figures as
+# Perl data, targets from Perl filehandles, and refusal of handles used
+# after fork.  The C calls themselves are in Fleece.xs, one method per C
+# function (Fleece::Raw::*); failures croak with a Fleece::Error.
 
 use strict;
 use warnings;
@@ -11,9 +12,10 @@ use Carp ();
 use JSON::PP ();
 use POSIX ();
 use Scalar::Util ();
-use Time::HiRes ();
 
-our $VERSION = '0.1.0';
+use Fleece::Error;
+
+our $VERSION = '1.0.0';
 
 require XSLoader;
 XSLoader::load('Fleece', $VERSION);
@@ -22,62 +24,78 @@ XSLoader::load('Fleece', $VERSION);
 # this against fleece.h, so a function added there must be bound here or
 # listed in %NOT_BOUND with the reason.
 our %BINDINGS = (
-    fleece_get_version           => 'Fleece::Raw::get_version',
-    fleece_get_error             => 'Fleece::Raw::get_error',
-    fleece_get_errno             => 'Fleece::Raw::get_errno',
-    fleece_storage_new_dir       => 'Fleece::Raw::Storage::new_dir',
-    fleece_storage_new_callback  => 'Fleece::Raw::Storage::new_callback',
-    fleece_storage_free          => 'Fleece::Raw::Storage::DESTROY',
-    fleece_target_new_dir        => 'Fleece::Raw::Target::new_dir',
-    fleece_target_new_nbd        => 'Fleece::Raw::Target::new_nbd',
-    fleece_target_new_pve        => 'Fleece::Raw::Target::new_pve',
-    fleece_target_free           => 'Fleece::Raw::Target::DESTROY',
-    fleece_new                   => 'Fleece::Raw::Handle::new',
-    fleece_free                  => 'Fleece::Raw::Handle::DESTROY',
-    fleece_connect               => 'Fleece::Raw::Handle::connect',
-    fleece_connect_fd            => 'Fleece::Raw::Handle::connect_fd',
-    fleece_set_vmid              => 'Fleece::Raw::Handle::set_vmid',
-    fleece_get_vmid              => 'Fleece::Raw::Handle::get_vmid',
-    fleece_set_state_dir         => 'Fleece::Raw::Handle::set_state_dir',
-    fleece_set_storage           => 'Fleece::Raw::Handle::set_storage',
-    fleece_set_engine            => 'Fleece::Raw::Handle::set_engine',
-    fleece_get_engine            => 'Fleece::Raw::Handle::get_engine',
-    fleece_set_qmp_timeout       => 'Fleece::Raw::Handle::set_qmp_timeout',
-    fleece_set_drives            => 'Fleece::Raw::Handle::set_drives',
-    fleece_set_plan_flags        => 'Fleece::Raw::Handle::set_plan_flags',
-    fleece_set_image_format      => 'Fleece::Raw::Handle::set_image_format',
-    fleece_set_bwlimit           => 'Fleece::Raw::Handle::set_bwlimit',
-    fleece_set_bitmap            => 'Fleece::Raw::Handle::set_bitmap',
-    fleece_set_cbw_timeout       => 'Fleece::Raw::Handle::set_cbw_timeout',
-    fleece_set_log_callback      => 'Fleece::Raw::Handle::set_log_callback',
-    fleece_set_progress_callback => 'Fleece::Raw::Handle::set_progress_callback',
-    fleece_set_record_callback   => 'Fleece::Raw::Handle::set_record_callback',
-    fleece_plan                  => 'Fleece::Raw::Handle::plan',
-    fleece_attach                => 'Fleece::Raw::Handle::attach',
-    fleece_start                 => 'Fleece::Raw::Handle::start',
-    fleece_wait                  => 'Fleece::Raw::Handle::wait',
-    fleece_cancel                => 'Fleece::Raw::Handle::cancel',
-    fleece_get_progress          => 'Fleece::Raw::Handle::get_progress',
-    fleece_get_drive_progress    => 'Fleece::Raw::Handle::get_drive_progress',
-    fleece_get_drive_result      => 'Fleece::Raw::Handle::get_drive_result',
-    fleece_get_drive_elapsed_ms  => 'Fleece::Raw::Handle::get_drive_elapsed_ms',
-    fleece_get_record            => 'Fleece::Raw::Handle::get_record',
-    fleece_cleanup               => 'Fleece::Raw::Handle::cleanup',
-    fleece_plan_free             => 'Fleece::Raw::Plan::DESTROY',
-    fleece_plan_get_drive_count  => 'Fleece::Raw::Plan::get_drive_count',
-    fleece_plan_get_key          => 'Fleece::Raw::Plan::get_key',
-    fleece_plan_get_device       => 'Fleece::Raw::Plan::get_device',
-    fleece_plan_get_size         => 'Fleece::Raw::Plan::get_size',
-    fleece_plan_get_fleeced      => 'Fleece::Raw::Plan::get_fleeced',
-    fleece_plan_get_reason       => 'Fleece::Raw::Plan::get_reason',
-    fleece_plan_get_image        => 'Fleece::Raw::Plan::get_image',
-    fleece_plan_get_format       => 'Fleece::Raw::Plan::get_format',
-    fleece_plan_get_cluster_size => 'Fleece::Raw::Plan::get_cluster_size',
-    fleece_plan_to_json          => 'Fleece::Raw::Plan::to_json',
+    fleece_get_version                   => 'Fleece::Raw::get_version',
+    fleece_get_error                     => 'Fleece::Raw::get_error',
+    fleece_get_errno                     => 'Fleece::Raw::get_errno',
+    fleece_storage_new_dir               => 'Fleece::Raw::Storage::new_dir',
+    fleece_storage_new_rbd               => 'Fleece::Raw::Storage::new_rbd',
+    fleece_storage_set_option            => 'Fleece::Raw::Storage::set_option',
+    fleece_storage_new_callback          => 'Fleece::Raw::Storage::new_callback',
+    fleece_storage_set_alloc_callback    => 'Fleece::Raw::Storage::set_alloc_callback',
+    fleece_storage_set_remove_callback   => 'Fleece::Raw::Storage::set_remove_callback',
+    fleece_storage_set_path_callback     => 'Fleece::Raw::Storage::set_path_callback',
+    fleece_storage_set_blockdev_callback => 'Fleece::Raw::Storage::set_blockdev_callback',
+    fleece_storage_free                  => 'Fleece::Raw::Storage::DESTROY',
+    fleece_target_new_dir                => 'Fleece::Raw::Target::new_dir',
+    fleece_target_set_base               => 'Fleece::Raw::Target::set_base',
+    fleece_target_set_pve_args           => 'Fleece::Raw::Target::set_pve_args',
+    fleece_target_new_nbd                => 'Fleece::Raw::Target::new_nbd',
+    fleece_target_new_pve                => 'Fleece::Raw::Target::new_pve',
+    fleece_target_new_fd                 => 'Fleece::Raw::Target::new_fd',
+    fleece_target_free                   => 'Fleece::Raw::Target::DESTROY',
+    fleece_new                           => 'Fleece::Raw::Handle::new',
+    fleece_free                          => 'Fleece::Raw::Handle::DESTROY',
+    fleece_connect                       => 'Fleece::Raw::Handle::connect',
+    fleece_connect_fd                    => 'Fleece::Raw::Handle::connect_fd',
+    fleece_set_vmid                      => 'Fleece::Raw::Handle::set_vmid',
+    fleece_get_vmid                      => 'Fleece::Raw::Handle::get_vmid',
+    fleece_set_state_dir                 => 'Fleece::Raw::Handle::set_state_dir',
+    fleece_set_storage                   => 'Fleece::Raw::Handle::set_storage',
+    fleece_set_engine                    => 'Fleece::Raw::Handle::set_engine',
+    fleece_get_engine                    => 'Fleece::Raw::Handle::get_engine',
+    fleece_set_qmp_timeout               => 'Fleece::Raw::Handle::set_qmp_timeout',
+    fleece_set_drives                    => 'Fleece::Raw::Handle::set_drives',
+    fleece_set_plan_flags                => 'Fleece::Raw::Handle::set_plan_flags',
+    fleece_set_image_format              => 'Fleece::Raw::Handle::set_image_format',
+    fleece_set_bwlimit                   => 'Fleece::Raw::Handle::set_bwlimit',
+    fleece_set_bitmap                    => 'Fleece::Raw::Handle::set_bitmap',
+    fleece_set_cbw_timeout               => 'Fleece::Raw::Handle::set_cbw_timeout',
+    fleece_set_log_callback              => 'Fleece::Raw::Handle::set_log_callback',
+    fleece_set_progress_callback         => 'Fleece::Raw::Handle::set_progress_callback',
+    fleece_set_record_callback           => 'Fleece::Raw::Handle::set_record_callback',
+    fleece_plan                          => 'Fleece::Raw::Handle::plan',
+    fleece_plan_free                     => 'Fleece::Raw::Plan::DESTROY',
+    fleece_plan_get_drive_count          => 'Fleece::Raw::Plan::get_drive_count',
+    fleece_plan_get_key                  => 'Fleece::Raw::Plan::get_key',
+    fleece_plan_get_device               => 'Fleece::Raw::Plan::get_device',
+    fleece_plan_get_size                 => 'Fleece::Raw::Plan::get_size',
+    fleece_plan_get_fleeced              => 'Fleece::Raw::Plan::get_fleeced',
+    fleece_plan_get_reason               => 'Fleece::Raw::Plan::get_reason',
+    fleece_plan_get_image                => 'Fleece::Raw::Plan::get_image',
+    fleece_plan_get_format               => 'Fleece::Raw::Plan::get_format',
+    fleece_plan_get_cluster_size         => 'Fleece::Raw::Plan::get_cluster_size',
+    fleece_plan_get_skipped_count        => 'Fleece::Raw::Plan::get_skipped_count',
+    fleece_plan_get_skipped_name         => 'Fleece::Raw::Plan::get_skipped_name',
+    fleece_plan_get_skipped_reason       => 'Fleece::Raw::Plan::get_skipped_reason',
+    fleece_plan_to_json                  => 'Fleece::Raw::Plan::to_json',
+    fleece_attach                        => 'Fleece::Raw::Handle::attach',
+    fleece_start                         => 'Fleece::Raw::Handle::start',
+    fleece_wait                          => 'Fleece::Raw::Handle::wait',
+    fleece_cancel                        => 'Fleece::Raw::Handle::cancel',
+    fleece_get_progress                  => 'Fleece::Raw::Handle::get_progress',
+    fleece_get_drive_progress            => 'Fleece::Raw::Handle::get_drive_progress',
+    fleece_get_stat                      => 'Fleece::Raw::Handle::get_stat',
+    fleece_get_drive_result              => 'Fleece::Raw::Handle::get_drive_result',
+    fleece_get_drive_elapsed_ms          => 'Fleece::Raw::Handle::get_drive_elapsed_ms',
+    fleece_get_record                    => 'Fleece::Raw::Handle::get_record',
+    fleece_get_status                    => 'Fleece::Raw::Handle::get_status',
+    fleece_cleanup                       => 'Fleece::Raw::Handle::cleanup',
 );
 
 # Public C functions deliberately not bound, with the reason.  None so far.
 our %NOT_BOUND = ();
+
+my $JSON = JSON::PP->new->canonical;
 
 my @LEVEL_NAME = ('error', 'warning', 'info', 'debug');
 my %ENGINE = (auto => ENGINE_AUTO(), qemu => ENGINE_QEMU(), pve => ENGINE_PVE());
@@ -87,6 +105,17 @@ my %STORAGE_FLAG = (
     discard => STORAGE_DISCARD(),
     path    => STORAGE_PATH(),
 );
+# stats(): each figure by name, in fleece.h's order.
+my @STAT = (
+    done       => STAT_DONE(),
+    total      => STAT_TOTAL(),
+    zero       => STAT_ZERO(),
+    reused     => STAT_REUSED(),
+    dirty      => STAT_DIRTY(),
+    finishing  => STAT_FINISHING(),
+    elapsed_ms => STAT_ELAPSED_MS(),
+);
+my %RBD_OPTION = (conf => 'conf', id => 'id', keyring => 'keyring', object_size => 'object-size');
 
 # How each setting reaches the handle, in the order new() applies them: the
 # log callback first, so that connecting already logs through it.
@@ -128,19 +157,16 @@ my @SETTINGS = (
     drives      => sub { $_[0]{raw}->set_drives($_[1]) },
     all_drives  => sub { $_[0]->_set_flag(PLAN_ALL_DRIVES(), $_[1]) },
     no_fleecing => sub { $_[0]->_set_flag(PLAN_NO_FLEECING(), $_[1]) },
-    fleecing_optional => sub {
-        my $flag = Fleece->can('PLAN_FLEECING_OPTIONAL')
-            or Carp::croak("Fleece: fleecing_optional needs a newer libfleece");
-        $_[0]->_set_flag($flag->(), $_[1]);
-    },
+    fleecing_optional => sub { $_[0]->_set_flag(PLAN_FLEECING_OPTIONAL(), $_[1]) },
     bwlimit     => sub { $_[0]{raw}->set_bwlimit($_[1] // 0) },
-    incremental => sub { $_[0]{raw}->set_bitmap($_[1]) },
+    incremental => sub { $_[0]->_set_bitmap($_[1], BITMAP_USE()) },
+    bitmap_new  => sub { $_[0]->_set_bitmap($_[1], BITMAP_NEW()) },
     cbw_timeout => sub { $_[0]{raw}->set_cbw_timeout($_[1]) },
 );
 my %SETTING = @SETTINGS;
 my @SETTING_ORDER = @SETTINGS[grep { $_ % 2 == 0 } 0 .. $#SETTINGS];
 my %PLAN_SETTING = map { $_ => 1 } qw(storage format drives all_drives no_fleecing fleecing_optional);
-my %JOB_SETTING = map { $_ => 1 } qw(bwlimit incremental cbw_timeout);
+my %JOB_SETTING = map { $_ => 1 } qw(bwlimit incremental bitmap_new cbw_timeout);
 
 sub _code {
     my ($cb, $what) = @_;
@@ -156,43 +182,114 @@ sub _known_keys {
     Carp::croak("Fleece: unknown $what option(s): @bad (known: @known)") if @bad;
 }
 
-sub _storage {
+# A file descriptor the library may own: a dup of the caller's filehandle
+# or descriptor number, so that the caller's stays open and its own.
+sub _dup_fd {
+    my ($fh, $what) = @_;
+    my $fd = ref($fh) ? fileno($fh) : $fh;
+    Carp::croak("Fleece: $what is not an open filehandle or file descriptor")
+        if !defined($fd) || $fd !~ /^\d+$/;
+    my $dup = POSIX::dup($fd);
+    Carp::croak("Fleece: $what: dup($fd): $!") if !defined($dup);
+    return $dup;
+}
+
+sub _rbd_storage {
+    my ($rbd) = @_;
+    Carp::croak("Fleece: storage rbd must be a hash such as { pool => 'rbd' }")
+        if ref($rbd) ne 'HASH';
+    _known_keys($rbd, 'rbd storage', 'pool', 'namespace', sort keys %RBD_OPTION);
+    my $st = Fleece::Raw::Storage->new_rbd($rbd->{pool}, $rbd->{namespace});
+    for my $key (sort keys %RBD_OPTION) {
+        $st->set_option($RBD_OPTION{$key}, $rbd->{$key}) if defined($rbd->{$key});
+    }
+    return $st;
+}
+
+# The blockdev callback may return a hash (QEMU's BlockdevOptions as Perl
+# data) or its JSON text; the library takes text.
+sub _blockdev_encoder {
+    my ($cb) = @_;
+    return sub {
+        my $def = $cb->(@_);
+        return ref($def) eq 'HASH' ? $JSON->encode($def) : $def;
+    };
+}
+
+sub _callback_storage {
     my ($storage) = @_;
-    Carp::croak("Fleece: storage is undefined") if !defined($storage);
-    return Fleece::Raw::Storage->new_dir($storage) if !ref($storage);
-    return $storage if Scalar::Util::blessed($storage) && $storage->isa('Fleece::Raw::Storage');
-    Carp::croak("Fleece: storage must be a directory or a hash of callbacks")
-        if ref($storage) ne 'HASH';
-    _known_keys($storage, 'storage', qw(alloc free path supports));
+    _known_keys($storage, 'storage', qw(id alloc remove path blockdev supports));
+    Carp::croak("Fleece: a callback storage needs an id that names it in the record, "
+        . "e.g. 'pve:local-lvm'")
+        if !defined($storage->{id});
     my $supports = $storage->{supports} // {};
     Carp::croak("Fleece: storage supports must be a hash such as { qcow2 => 1, path => 1 }")
         if ref($supports) ne 'HASH';
     _known_keys($supports, 'storage supports', sort keys %STORAGE_FLAG);
     my $flags = 0;
     $flags |= $STORAGE_FLAG{$_} for grep { $supports->{$_} } keys %$supports;
-    return Fleece::Raw::Storage->new_callback(
-        $flags,
-        _code($storage->{alloc}, 'storage alloc'),
-        _code($storage->{free}, 'storage free'),
-        _code($storage->{path}, 'storage path'),
-    );
+
+    my $st = Fleece::Raw::Storage->new_callback($storage->{id}, $flags);
+    $st->set_alloc_callback(_code($storage->{alloc}, 'storage alloc'));
+    $st->set_remove_callback(_code($storage->{remove}, 'storage remove'));
+    Carp::croak("Fleece: a callback storage needs a path or a blockdev callback (or both)")
+        if !defined($storage->{path}) && !defined($storage->{blockdev});
+    $st->set_path_callback(_code($storage->{path}, 'storage path'))
+        if defined($storage->{path});
+    $st->set_blockdev_callback(_blockdev_encoder(_code($storage->{blockdev}, 'storage blockdev')))
+        if defined($storage->{blockdev});
+    return $st;
 }
+
+sub _storage {
+    my ($storage) = @_;
+    Carp::croak("Fleece: storage is undefined") if !defined($storage);
+    return Fleece::Raw::Storage->new_dir($storage) if !ref($storage);
+    return $storage if Scalar::Util::blessed($storage) && $storage->isa('Fleece::Raw::Storage');
+    Carp::croak("Fleece: storage must be a directory, { rbd => {...} } or a hash of callbacks")
+        if ref($storage) ne 'HASH';
+    if (exists $storage->{rbd}) {
+        _known_keys($storage, 'storage', 'rbd');
+        return _rbd_storage($storage->{rbd});
+    }
+    return _callback_storage($storage);
+}
+
+my %TARGET_KEYS = (
+    dir    => [qw(dir format base)],
+    nbd    => [qw(nbd)],
+    pve    => [qw(pve)],
+    vma_fd => [qw(vma_fd pve)],
+    fd     => [qw(fd format)],
+);
 
 sub _target {
     my ($target) = @_;
+    my @kinds = sort keys %TARGET_KEYS;
     Carp::croak("Fleece: start needs a target such as { dir => \$dir, format => 'raw' }")
         if ref($target) ne 'HASH';
-    my @kinds = grep { defined($target->{$_}) } qw(dir nbd pve);
-    Carp::croak("Fleece: the target needs exactly one of dir, nbd or pve") if @kinds != 1;
-    if ($kinds[0] eq 'dir') {
-        _known_keys($target, 'target', qw(dir format));
-        return Fleece::Raw::Target->new_dir($target->{dir}, $target->{format});
+    my @given = grep { defined($target->{$_}) } @kinds;
+    Carp::croak("Fleece: the target needs exactly one of " . join(', ', @kinds)) if @given != 1;
+    my $kind = $given[0];
+    _known_keys($target, 'target', @{ $TARGET_KEYS{$kind} });
+    if ($kind eq 'dir') {
+        my $t = Fleece::Raw::Target->new_dir($target->{dir}, $target->{format});
+        $t->set_base($target->{base}) if defined($target->{base});
+        return $t;
     }
-    _known_keys($target, 'target', $kinds[0]);
-    return Fleece::Raw::Target->new_nbd($target->{nbd}) if $kinds[0] eq 'nbd';
-    my $args = $target->{pve};
-    $args = JSON::PP->new->canonical->encode($args) if ref($args);
-    return Fleece::Raw::Target->new_pve($args);
+    return Fleece::Raw::Target->new_nbd($target->{nbd}) if $kind eq 'nbd';
+    if ($kind eq 'pve') {
+        my $args = $target->{pve};
+        return Fleece::Raw::Target->new_pve(ref($args) ? $JSON->encode($args) : $args);
+    }
+    my $fh = $target->{$kind};
+    my $format = $kind eq 'vma_fd' ? 'vma' : $target->{format} // 'raw';
+    my $t = Fleece::Raw::Target->new_fd(_dup_fd($fh, "target $kind"), $format);
+    # A VMA's other backup arguments (config-file, firewall-file, ...).
+    if (defined(my $args = $target->{pve})) {
+        $t->set_pve_args(ref($args) ? $JSON->encode($args) : $args);
+    }
+    return $t;
 }
 
 sub _set_flag {
@@ -202,12 +299,26 @@ sub _set_flag {
     $self->{flags} = $flags;
 }
 
+sub _set_bitmap {
+    my ($self, $name, $mode) = @_;
+    $self->{raw}->set_bitmap($name, defined($name) ? $mode : 0);
+}
+
 # Apply settings; what was applied is remembered for start() (see there).
 sub _apply {
     my ($self, $opts) = @_;
-    for my $key (grep { exists $opts->{$_} } @SETTING_ORDER) {
+    Carp::croak("Fleece: give incremental (back up what the bitmap marks) or bitmap_new "
+        . "(a full backup that starts the bitmap), not both")
+        if defined($opts->{incremental}) && defined($opts->{bitmap_new});
+    # One bitmap setting in the library: the defined one is applied last.
+    my @order = @SETTING_ORDER;
+    @order = ((grep { $_ ne 'incremental' } @order), 'incremental') if defined($opts->{incremental});
+    for my $key (grep { exists $opts->{$_} } @order) {
         $SETTING{$key}->($self, $opts->{$key});
         $self->{settings}{$key} = $opts->{$key};
+        # The other bitmap option is no longer in force.
+        delete $self->{settings}{ $key eq 'incremental' ? 'bitmap_new' : 'incremental' }
+            if $key eq 'incremental' || $key eq 'bitmap_new';
     }
 }
 
@@ -236,12 +347,8 @@ sub new {
     if (defined($opts{qmp})) {
         $self->{raw}->connect($opts{qmp});
     } elsif (defined($opts{qmp_fd})) {
-        my $fd = $opts{qmp_fd};
-        $fd = fileno($fd) if ref($fd);
-        Carp::croak("Fleece->new: qmp_fd is not an open file descriptor") if !defined($fd);
         # The library takes the descriptor it is given; the caller keeps its own.
-        my $dup = POSIX::dup($fd) // Carp::croak("Fleece->new: dup($fd): $!");
-        $self->{raw}->connect_fd($dup);
+        $self->{raw}->connect_fd(_dup_fd($opts{qmp_fd}, 'qmp_fd'));
     }
     return $self;
 }
@@ -271,13 +378,13 @@ sub attach {
     _known_keys(\%opts, 'attach', sort keys %JOB_SETTING);
     my $raw = $self->_raw;
     $self->_apply(\%opts);
-    $raw->attach(Fleece::Plan::_raw_of($plan));
+    $raw->attach(Fleece::Plan::_raw_of($plan), 0);
     $self->{keys} = [ map { $_->{key} } @$plan ];
     return 1;
 }
 
 # bwlimit and cbw_timeout only matter when the jobs start, and libfleece
-# takes them until then; incremental shapes the plan and is refused once a
+# takes them until then; the bitmap shapes the plan and is refused once a
 # run is attached.  So start() applies what the library takes, and
 # otherwise says where to give it.
 sub start {
@@ -296,36 +403,18 @@ sub start {
                 . "set(), plan() or attach() ($err)");
         }
     }
-    $raw->start($p, _target($target));
+    $raw->start($p, _target($target), 0);
     return 1;
 }
 
-# Waits in slices so that Perl's (deferred) signal handlers run meanwhile,
-# e.g. vzdump's "interrupted by signal" handler.
-my $WAIT_SLICE_MS = 500;
-
+# The XS waits in slices and runs Perl's signal handlers between them: a
+# handler may call cancel() (the wait then croaks with ECANCELED) or die.
 sub wait {
     my ($self, $timeout_ms) = @_;
-    my $raw = $self->_raw;
-    $timeout_ms //= -1;
-    my $deadline = $timeout_ms < 0 ? undef : Time::HiRes::time() + $timeout_ms / 1000;
-    for (;;) {
-        my $slice = $WAIT_SLICE_MS;
-        if (defined($deadline)) {
-            my $left = int(($deadline - Time::HiRes::time()) * 1000);
-            $left = 0 if $left < 0;
-            $slice = $left if $left < $slice;
-        }
-        my $r = $raw->wait($slice);
-        return $r if $r || (defined($deadline) && Time::HiRes::time() >= $deadline);
-    }
+    return $self->_raw->wait($timeout_ms // -1);
 }
 
-sub cancel {
-    my ($self) = @_;
-    $self->_raw->cancel;
-    return 1;
-}
+sub cancel { return $_[0]->_raw->cancel }
 
 sub progress {
     my ($self) = @_;
@@ -344,13 +433,26 @@ sub progress {
     return { done => $done, total => $total, drives => \%drives };
 }
 
+sub stats {
+    my ($self, $key) = @_;
+    my $raw = $self->_raw;
+    my %stats;
+    for (my $i = 0; $i < @STAT; $i += 2) {
+        my $v = $raw->get_stat($key, $STAT[$i + 1]);
+        $stats{ $STAT[$i] } = $v if defined($v);
+    }
+    return \%stats;
+}
+
+sub status { return $JSON->decode($_[0]->_raw->get_status(0)) }
+
 sub record { return $_[0]->_raw->get_record }
 
 sub cleanup {
     my ($self, %opts) = @_;
     return _recover($self, %opts) if !ref($self);
     Carp::croak("Fleece: cleanup takes no options on a handle") if %opts;
-    $self->_raw->cleanup;
+    $self->_raw->cleanup(0);
     delete $self->{keys};
     return 1;
 }
@@ -376,8 +478,7 @@ sub _recover {
 
 sub version { return Fleece::Raw::get_version() }
 
-# The errno of the last failed library call in this thread, e.g. to tell a
-# cancelled backup (ECANCELED) from a failed one after wait() croaked.
+# The errno of the last failed library call in this thread.
 sub errno { return Fleece::Raw::get_errno() }
 
 sub DESTROY {
@@ -390,8 +491,8 @@ sub DESTROY {
 package Fleece::Plan;
 
 # A plan is a blessed array of plain hashes, one per drive in drive-key
-# order: @$plan is ordinary Perl data.  The C plan it came from is kept
-# outside the array (inside-out), for attach() and start().
+# order: @$plan is ordinary Perl data.  The C plan it came from and what
+# QEMU has that is not backed up are kept outside the array (inside-out).
 
 use strict;
 use warnings;
@@ -401,6 +502,7 @@ use Hash::Util::FieldHash ();
 use Scalar::Util ();
 
 Hash::Util::FieldHash::fieldhash(my %RAW);
+Hash::Util::FieldHash::fieldhash(my %SKIPPED);
 
 sub _new {
     my ($class, $raw) = @_;
@@ -417,8 +519,11 @@ sub _new {
             cluster_size => $raw->get_cluster_size($i),
         };
     }
+    my @skipped = map { { name => $raw->get_skipped_name($_), reason => $raw->get_skipped_reason($_) } }
+        0 .. $raw->get_skipped_count - 1;
     my $self = bless \@drives, $class;
     $RAW{$self} = $raw;
+    $SKIPPED{$self} = \@skipped;
     return $self;
 }
 
@@ -443,6 +548,12 @@ sub drive {
 sub fleeced {
     my ($self) = @_;
     return grep { $_->{fleeced} } @$self;
+}
+
+sub skipped {
+    my ($self) = @_;
+    my @s = map { {%$_} } @{ $SKIPPED{$self} // [] };
+    return wantarray ? @s : \@s;
 }
 
 sub to_json { return _raw_of($_[0])->to_json }
@@ -481,6 +592,9 @@ Fleece - fleecing backups of running QEMU VMs (Perl binding of libfleece)
   for my $d (@$plan) {
       printf "%s: %s\n", $d->{key}, $d->{fleeced} ? $d->{image} : "not fleeced: $d->{reason}";
   }
+  printf "not backed up: %s (%s)\n", $_->{name}, $_->{reason} for $plan->skipped;
+
+  local $SIG{INT} = sub { $f->cancel };    # safe: wait() then croaks
   eval {
       $f->attach($plan, bwlimit => 10240);
       $f->start($plan, target => { dir => '/backup/100', format => 'raw' });
@@ -488,24 +602,35 @@ Fleece - fleecing backups of running QEMU VMs (Perl binding of libfleece)
   };
   my $err = $@;
   $f->cleanup;      # always: undoes the run, frees the images, drops the record
-  die $err if $err;
+  die $err if $err; # a Fleece::Error: "the backup of VM 100 was cancelled\n"
 
   # After a crash: undo a run from its record alone.
   Fleece->cleanup(vmid => 100, record => $json, storage => $storage_callbacks);
 
 =head1 DESCRIPTION
 
-A thin binding of libfleece (see fleece(3)).  Every public C function is
-bound as a method of C<Fleece::Raw::Handle>, C<Fleece::Raw::Plan>,
+A thin binding of libfleece 1.0 (see fleece(3)).  Every public C function
+is bound as a method of C<Fleece::Raw::Handle>, C<Fleece::Raw::Plan>,
 C<Fleece::Raw::Storage> or C<Fleece::Raw::Target>, named after it
-(C<%Fleece::BINDINGS> lists them); C<Fleece> and C<Fleece::Plan> are the
-idiomatic layer on top, described here.
+(C<%Fleece::BINDINGS> lists them; C<attach>, C<start>, C<cleanup> and
+C<get_status> take the C flags as their last argument); C<Fleece> and
+C<Fleece::Plan> are the idiomatic layer on top, described here.
 
-Errors croak with the library's message, e.g.
-C<"fleece_attach: another run holds the lock for VM 100 (...)\n">; the C
-objects involved are freed first.  C<Fleece::errno()> returns the errno of
-the last failure (e.g. C<ECANCELED> after C<wait> croaked for a cancelled
-backup).  Bad arguments croak with a message starting with C<Fleece:>.
+=head1 ERRORS
+
+A failure in libfleece croaks with a L<Fleece::Error>: it stringifies to
+the message for the admin (without the C function name libfleece puts in
+front), with C<code> (the errno), C<function> and predicates such as
+C<is_busy> and C<is_cancelled>:
+
+  eval { $f->attach($plan) };
+  if (ref($@) && $@->isa('Fleece::Error') && $@->is_busy) { ... }
+  print "backup failed: $@" if $@;        # the message, one line
+
+Bad arguments (an unknown option, a vmid that is not a number, a missing
+callback) are programming errors and croak with a plain string starting
+with C<Fleece:>.  C<Fleece::errno()> returns the errno of the last failed
+library call in this thread.
 
 =head1 THE HANDLE
 
@@ -513,10 +638,14 @@ backup).  Bad arguments croak with a message starting with C<Fleece:>.
 
 =item Fleece->new(qmp => $path, vmid => $id, %settings)
 
-Makes a handle, applies the settings and connects to QEMU's QMP socket.
-C<qmp_fd =E<gt> $fh_or_fd> connects over an already connected socket instead
-(the handle works on a dup of it).  Without either, the handle is not
-connected: it can read the record and clean up (the record knows the socket).
+Makes a handle, applies the settings and connects to QEMU's QMP socket:
+libfleece probes QEMU once (choosing the engine) and then holds the monitor
+only while one of its calls runs, so other clients of the monitor
+(qemu-server's own QMP commands) are not kept waiting between calls.
+C<qmp_fd =E<gt> $fh_or_fd> uses an already connected socket instead (the
+handle keeps a dup of it, and with it the monitor).  Without either, the
+handle is not connected: it can read the record and status and clean up
+(the record knows the socket).
 
 Settings, accepted by C<new> and C<set> (and some by C<plan> and C<attach>),
 stay in effect for later calls:
@@ -526,7 +655,7 @@ stay in effect for later calls:
               else /var/lib/fleece)
   engine      'auto' (default), 'qemu' or 'pve'
   qmp_timeout timeout of one QMP command in ms
-  storage     a directory, or callbacks (see STORAGE)
+  storage     a directory, { rbd => {...} }, or callbacks (see STORAGE)
   record      { load => sub, store => sub } (see RECORD); default: a file
               in the state dir
   log         sub { my ($level, $msg) = @_ } with $level 'error',
@@ -541,15 +670,26 @@ stay in effect for later calls:
   fleecing_optional
               1 to back up without fleecing, with a warning, when QEMU
               cannot fleece (else that fails)
-  bwlimit     KiB/s, 0 for no limit
-  incremental the name of a dirty bitmap on every drive; undef: full backup
+  bwlimit     KiB/s per drive's job, 0 for no limit
+  incremental NAME: an incremental backup of what the dirty bitmap NAME
+              marks on every backed-up drive; from the backup's point in
+              time the bitmap tracks the next one (FLEECE_BITMAP_USE)
+  bitmap_new  NAME: a full backup that (re)starts the bitmap NAME at its
+              point in time, atomically with the jobs' start: the first
+              link of an incremental chain, with no gap (FLEECE_BITMAP_NEW)
   cbw_timeout copy-before-write timeout in seconds (0 disables)
 
-libfleece refuses to change settings while a run is attached, so give
-C<bwlimit>, C<incremental> and C<cbw_timeout> before C<attach> (to C<new>,
-C<set>, C<plan> or C<attach>); C<start> accepts them only if they are
-unchanged.  C<incremental> is checked when planning (every drive must have
-the bitmap), so give it to C<plan> at the latest.
+C<incremental> and C<bitmap_new> are one setting of the library, the
+dirty bitmap and what to do with it: giving one replaces the other, undef
+for either means a full backup without bitmap, and giving both defined at
+once croaks.
+
+libfleece refuses settings that shape a run while one is set up (from
+C<attach> until C<cleanup>); C<bwlimit> and C<cbw_timeout> may change until
+C<start>.  So give the bitmap options before C<attach> (to C<new>, C<set>,
+C<plan> or C<attach>); C<start> accepts them only if they are unchanged.
+The bitmap is checked when planning (every drive must have it for
+C<incremental>), so give it to C<plan> at the latest.
 
 =item $f->plan(storage => ..., format => ..., drives => [...], all_drives => 0|1, ...)
 
@@ -557,34 +697,56 @@ Reads the VM's drives and decides what to fleece; changes nothing.  Returns a
 C<Fleece::Plan>: a blessed array of plain hashes, one per drive in drive-key
 order, with the keys C<key>, C<device>, C<size> (bytes), C<fleeced> (1 or 0),
 C<reason> (why not fleeced, else undef), C<image> (the fleecing image name,
-or undef), C<format> and C<cluster_size>.  C<< $plan->drives >>,
-C<< $plan->drive($key) >>, C<< $plan->fleeced >> and C<< $plan->to_json >>
-are there for convenience.
+or undef), C<format> and C<cluster_size>.  C<< $plan->skipped >> lists what
+QEMU has that is not backed up, as hashes C<{ name, reason }> (CD-ROMs,
+firmware code, drives without a guest device, drives not asked for).
+C<< $plan->drives >>, C<< $plan->drive($key) >>, C<< $plan->fleeced >> and
+C<< $plan->to_json >> are there for convenience.
 
 =item $f->attach($plan, %job_settings)
 
 Allocates the fleecing images and attaches them to QEMU, after recording what
-it is about to do; on failure it undoes what it did.
+it is about to do; on failure it undoes what it did.  Refused (C<is_busy>)
+while QEMU shows another run of this VM.
 
-=item $f->start($plan, target => {...}, bwlimit => ..., incremental => ...)
+=item $f->start($plan, target => {...}, bwlimit => ..., cbw_timeout => ...)
 
 Starts the backup of every drive in the plan with one point in time.  The
 target is one of
 
   { dir => $dir, format => 'raw' | 'qcow2' }   one image per drive key
+  { dir => $dir, format => 'qcow2', base => $previous_dir }
+                                  incremental: qcow2 images backed by the
+                                  previous backup of the chain in $previous_dir
   { nbd => 'nbd+unix:///?socket=/run/x.sock' } one export per drive key
-  { pve => { 'backup-file' => ..., format => 'vma' } }   Proxmox engine only
+  { vma_fd => $fh }               Proxmox engine: a VMA archive into $fh,
+                                  e.g. the pipe to a compressor
+  { vma_fd => $fh, pve => { 'config-file' => ... } }
+                                  the same with more backup arguments
+  { fd => $fh, format => 'raw' }  stock engine, one drive: its image
+  { pve => { 'backup-file' => ..., format => 'vma' | 'pbs', ... } }
+                                  Proxmox engine: the patched QEMU's backup
+                                  arguments, passed through (devlist and
+                                  fleecing are added by the library)
+
+A filehandle (or descriptor number) given as C<vma_fd> or C<fd> stays the
+caller's: the target gets a dup of it, which it owns and closes.
 
 =item $f->wait / $f->wait($timeout_ms)
 
 Waits for the backup to end (forever, or up to the timeout), calling the
 progress callback meanwhile.  Returns 1 when it ended successfully, 0 if it
-still runs at the timeout; croaks if it failed or was cancelled.  Perl
-signal handlers run while it waits.
+still runs at the timeout; croaks if it failed or was cancelled
+(C<is_cancelled>).  Perl signal handlers run while it waits (within a
+quarter second), so C<$SIG{INT} = sub { $f-E<gt>cancel }> ends a wait
+without timeout, and a handler that dies ends it with its exception.
 
 =item $f->cancel
 
-Asks the running backup to stop; C<wait> then croaks with ECANCELED.
+Asks the run to stop; the wait that runs or the next one sends the cancel
+to QEMU and croaks with ECANCELED, and C<start> refuses a cancelled run.
+Safe in a signal handler: it only records the request.  Returns 1, or 0 if
+no run is set up on the handle (it never croaks for that).
 
 =item $f->progress
 
@@ -594,6 +756,30 @@ Asks the running backup to stop; C<wait> then croaks with ECANCELED.
                            elapsed_ms => $ms }, ... } }
 
 C<result> is undef while the drive's backup runs.
+
+=item $f->stats / $f->stats($key)
+
+The figures of the whole backup, or of drive C<$key>, while it runs or
+after it ended:
+
+  { done       => $bytes,   # backed up so far
+    total      => $bytes,   # to back up
+    zero       => $bytes,   # of done, zero
+    reused     => $bytes,   # reused from the previous backup
+    dirty      => $bytes,   # incremental: what the bitmap marked
+    finishing  => 0 | 1,    # the data is out and the backup ends
+    elapsed_ms => $ms }
+
+A figure the engine does not report (C<ENOTSUP>) is absent, e.g. C<reused>
+on the stock engine; the Proxmox engine reports query-backup's figures,
+which qemu-server's task log prints.
+
+=item $f->status
+
+What is known of this VM's runs, read-only, as Perl data (the JSON of
+C<fleece_get_status()> decoded): C<record>, C<lock>, C<qemu> (markers and
+traces of runs in QEMU) and C<run>, one of C<none>, C<active>, C<crashed>,
+C<leftovers>.
 
 =item $f->record
 
@@ -609,8 +795,9 @@ frees the images and removes the record.  Nothing to do is success.
 
 The same as a class method, for recovery: from the vmid and the record (the
 JSON string itself, or load/store callbacks, or the state dir's file).  A
-record made with callback storage needs the same C<storage> callbacks to free
-its images.  A C<qmp> socket may be given; otherwise the record's is used.
+record made with callback storage needs a storage with the same C<id> to
+free its images.  A C<qmp> socket may be given; otherwise the record's is
+used.
 
 =item Fleece::version(), Fleece::errno()
 
@@ -618,18 +805,35 @@ its images.  A C<qmp> socket may be given; otherwise the record's is used.
 
 =head1 STORAGE
 
-A string is a directory (the built-in storage).  A hash plugs in the caller's
-storage, e.g. Proxmox's:
+A string is a directory (the built-in storage).
+
+  storage => { rbd => { pool => 'rbd', namespace => 'fleece',
+                        conf => '/etc/ceph/ceph.conf', id => 'admin',
+                        keyring => '/etc/ceph/ceph.client.admin.keyring',
+                        object_size => 4194304 } }
+
+is the built-in Ceph RBD storage; a libfleece built without librbd croaks
+with C<is_unsupported>.  A hash of callbacks plugs in the caller's storage,
+e.g. Proxmox's:
 
   storage => {
+      id       => 'pve:local-lvm',   # names it in the record
       alloc    => sub { my ($name, $format, $size) = @_; ...; return $volid },
-      free     => sub { my ($volid) = @_; ... },     # a missing image is fine
+      remove   => sub { my ($volid) = @_; ... },     # a missing image is fine
       path     => sub { my ($volid) = @_; ...; return $path },
+      blockdev => sub { my ($volid) = @_; ...;
+                        return { driver => 'rbd', pool => ..., image => ... } },
       supports => { qcow2 => 1, discard => 1, path => 1 },
   }
 
-C<alloc> must create an image of exactly C<$size> bytes (virtual size);
-C<path =E<gt> 1> makes names carry a C<.raw>/C<.qcow2> suffix.
+C<alloc> must create an image of exactly C<$size> bytes (virtual size) and
+fail if one of that name exists.  C<blockdev> returns QEMU's
+BlockdevOptions of the image's protocol layer (a hash, or its JSON text);
+the library adds the format layer and its node names and asks for discard.
+One of C<path> and C<blockdev> is needed; with both, QEMU gets the
+blockdev definition.  C<path =E<gt> 1> makes names carry a C<.raw>/C<.qcow2>
+suffix.  A cleanup frees a run's images only through a storage with the id
+the record names.
 
 =head1 RECORD
 
@@ -642,19 +846,39 @@ C<store> must make the record durable before returning.
 
 =head1 CALLBACKS AND EXCEPTIONS
 
-A callback that dies does not crash anything: for C<alloc>, C<free>,
-C<path>, C<load> and C<store> the library sees a failure (errno EIO) and the
-call fails as it would for any storage or record error; the croak message
-then ends with C<(the Perl storage alloc callback died: ...)>.  The
-exceptions of C<log> and C<progress>, which cannot fail a call, and of
-callbacks in calls that still succeeded, are passed to C<warn>.  Callbacks
-may not call methods of the handle they belong to (that croaks, inside the
-callback).  A callback that refers to its handle makes a reference cycle;
-use a weak reference.
+Callbacks are registered with the library together with a free function:
+the binding holds a reference to the code until the library drops the
+callback (replaced, or its handle or storage freed).  A callback that
+refers to its handle makes a reference cycle; use a weak reference.
+
+A storage or record callback that dies fails the library's step, and the
+exception's text becomes the reason in the library's error, e.g.
+C<"the storage pve:local could not allocate image vm-100-fleece-0.qcow2
+(qcow2, 8388608 bytes): no space left on device">; its errno is the code
+of a L<Fleece::Error> the callback died with, else what the Perl code left
+in C<$!>, else EIO.  Returning undef or an empty string where a value is
+expected is a failure too (EINVAL), with a reason that says so.  The
+exceptions of C<log> and C<progress>, which cannot fail a call, are passed
+to C<warn> once per call.  Callbacks may not call methods of the handle
+they belong to (that croaks, inside the callback), except C<cancel>.
+
+libfleece holds QEMU's monitor while one of its calls runs, and callbacks
+run inside those calls: a callback must not talk to the same QEMU's
+monitor (it would wait for the library, which waits for the callback).
+Query what a callback needs from QEMU before the call.
 
 No callback runs during global destruction (their closures may be half
-gone): clean up before the program ends.  A handle destroyed then with a run
-still set up says so through C<warn>.
+gone) or in a forked child: a storage or record callback then fails with a
+reason saying so.  Clean up before the program ends; a handle destroyed
+with a run still set up says so through C<warn>.
+
+=head1 SIGNALS
+
+C<wait> runs Perl's (deferred) signal handlers every quarter second; other
+calls run them when they return, or when a Perl callback runs.
+C<cancel> is safe in any handler.  A handler that dies (vzdump's
+"interrupted by signal") leaves the run set up: cancel and clean up in the
+code that catches it.
 
 =head1 FORK
 
@@ -668,5 +892,9 @@ the parent's run are not disturbed.
 
 A handle is used by one thread at a time; handles are not cloned into new
 Perl threads (they are undef there).
+
+=head1 SEE ALSO
+
+L<Fleece::Error>, fleece(3), fleece(1)
 
 =cut

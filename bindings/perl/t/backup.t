@@ -55,6 +55,7 @@ sub run_backup {
     if ($opt{perl_callbacks}) {
         # qemu-server's shape: its own storage and its own record.
         $storage = {
+            id    => 'pve:local',
             alloc => sub {
                 my ($img, $format, $size) = @_;
                 my $path = "$store_dir/$img";
@@ -62,7 +63,7 @@ sub run_backup {
                     or die "qemu-img create $path failed\n";
                 return "local:$img";
             },
-            free => sub { (my $img = $_[0]) =~ s/^local://; unlink("$store_dir/$img"); return },
+            remove => sub { (my $img = $_[0]) =~ s/^local://; unlink("$store_dir/$img"); return },
             path => sub { (my $img = $_[0]) =~ s/^local://; return "$store_dir/$img" },
             supports => { qcow2 => 1, discard => 1, path => 1 },
         };
@@ -109,6 +110,13 @@ sub run_backup {
 
     my $mid = $f->progress;
     cmp_ok($mid->{done}, '<=', $mid->{total}, "$name: progress while running");
+    my $stats = $f->stats;
+    is($stats->{total}, $mid->{total}, "$name: stats total = progress total");
+    cmp_ok($stats->{done}, '<', $stats->{total}, "$name: stats: not done yet");
+    is($stats->{finishing}, 0, "$name: stats: not finishing");
+    ok(!exists $stats->{dirty}, "$name: stats: no dirty figure without a bitmap");
+    is($f->stats('scsi1')->{total}, 8 * MiB + 4096, "$name: stats of one drive");
+    is($f->status->{run}, 'active', "$name: status: the run is active");
     is_deeply([sort keys %{ $mid->{drives} }], [sort map { $_->{key} } @disks],
         "$name: progress per drive");
     is($f->wait(0), 0, "$name: still running after the writes") or diag(join("\n", @log));
@@ -118,6 +126,9 @@ sub run_backup {
     is($mid->{drives}{scsi0}{result}, undef, "$name: scsi0 had no result while running");
     my $end = $f->progress;
     is($end->{done}, $end->{total}, "$name: progress complete");
+    my $end_stats = $f->stats;
+    is($end_stats->{done}, $end_stats->{total}, "$name: stats complete");
+    cmp_ok($end_stats->{elapsed_ms}, '>=', 4000, "$name: stats: elapsed");
     is_deeply([map { $end->{drives}{$_}{result} } sort keys %{ $end->{drives} }],
         [('ok') x @disks], "$name: every drive's result is ok");
     # 16 MiB at 2 MiB/s

@@ -1,18 +1,22 @@
 # Callbacks as Perl code: a storage that allocates files in a temp dir, a
 # record kept in a hash, log and progress; exceptions thrown in each of them
-# become library errors (or warnings), never crashes, and leave nothing
-# behind; recovery from the record with the same callbacks.
+# become the reason (and errno) of a library error, or warnings, never
+# crashes, and leave nothing behind; the binding holds a callback exactly
+# as long as the library does (free functions); recovery from the record
+# with the same callbacks.
 use strict;
 use warnings;
 
 use FindBin;
 use lib "$FindBin::Bin/lib";
 
+use Errno qw(EINVAL EIO ENOSPC EROFS);
 use JSON::PP qw(decode_json);
+use Scalar::Util qw(weaken);
 use Test::More;
 
 use Fleece;
-use FleeceTest qw(need_qemu tmpdir list_dir MiB KiB);
+use FleeceTest qw(need_qemu tmpdir list_dir MiB KiB croaks_like fails_like);
 
 need_qemu();
 
@@ -42,6 +46,7 @@ sub maybe_die {
 }
 
 my $storage = {
+    id    => 'perl:store',
     alloc => sub {
         my ($name, $format, $size) = @_;
         push @calls, "alloc $name $format $size";
@@ -58,10 +63,10 @@ my $storage = {
         }
         return "perl:$name";
     },
-    free => sub {
+    remove => sub {
         my ($volid) = @_;
-        push @calls, "free $volid";
-        maybe_die('free');
+        push @calls, "remove $volid";
+        maybe_die('remove');
         (my $name = $volid) =~ s/^perl://;
         unlink("$store_dir/$name") or $!{ENOENT} or die "cannot remove $name: $!\n";
         return;
@@ -113,13 +118,6 @@ sub nothing_left {
         "$name: no record file in the state dir either");
 }
 
-sub croaks_like {
-    my ($code, $re, $name) = @_;
-    my $ok = eval { $code->(); 1 };
-    my $err = $@;
-    ok(!$ok, "$name: croaks") or return;
-    like($err, $re, "$name: message") or diag($err);
-}
 
 # ---- the happy path -------------------------------------------------------
 
@@ -154,8 +152,8 @@ subtest 'Perl storage and record' => sub {
 
     @calls = ();
     ok($f->cleanup, 'cleanup');
-    is_deeply([sort grep { /^free/ } @calls],
-        ['free perl:vm-100-fleece-0.qcow2', 'free perl:vm-100-fleece-1.qcow2'], 'free called');
+    is_deeply([sort grep { /^remove/ } @calls],
+        ['remove perl:vm-100-fleece-0.qcow2', 'remove perl:vm-100-fleece-1.qcow2'], 'remove called');
     is($stores[-1], 'remove', 'record removed through store(undef)');
     nothing_left('after cleanup');
 };
@@ -169,26 +167,47 @@ subtest 'alloc dies' => sub {
     local $fail{alloc} = sub { ++$n == 2 ? "no space left on fleece-store\n" : () };
     my $f = handle();
     my $plan = $f->plan;
-    croaks_like(sub { $f->attach($plan) },
-        qr/^fleece_attach: the storage alloc callback failed for image vm-100-fleece-1\.qcow2 .*\(the Perl storage alloc callback died: no space left on fleece-store\)\n\z/,
+    my $err = fails_like(sub { $f->attach($plan) }, 'fleece_attach',
+        qr/^the storage perl:store could not allocate image vm-100-fleece-1\.qcow2 \(qcow2, 4198400 bytes\): no space left on fleece-store\z/,
         'attach');
-    ok(grep({ $_ eq 'free perl:vm-100-fleece-0.qcow2' } @calls), 'the first image was freed');
+    is($err->code, EIO, 'a die without errno: EIO');
+    ok(grep({ $_ eq 'remove perl:vm-100-fleece-0.qcow2' } @calls), 'the first image was freed');
     nothing_left('alloc died');
+};
+
+subtest 'alloc dies with errno' => sub {
+    local $fail{alloc} = sub { $! = ENOSPC; "cannot create image: $!\n" };
+    my $f = handle();
+    my $err = fails_like(sub { $f->attach($f->plan) }, 'fleece_attach',
+        qr/could not allocate image vm-100-fleece-0\.qcow2 .*: cannot create image: No space left on device\z/,
+        'attach');
+    is($err->code, ENOSPC, "the callback's errno is the error's");
+    nothing_left('alloc died with errno');
+};
+
+subtest 'alloc dies with a Fleece::Error' => sub {
+    local $fail{alloc} = sub { Fleece::Error->new(message => 'storage is read-only', code => EROFS) };
+    my $f = handle();
+    my $err = fails_like(sub { $f->attach($f->plan) }, 'fleece_attach',
+        qr/: storage is read-only\z/, 'attach');
+    is($err->code, EROFS, "the Fleece::Error's code is the error's");
+    nothing_left('alloc died with a Fleece::Error');
 };
 
 subtest 'alloc returns undef' => sub {
     local $fail{alloc_undef} = 1;
     my $f = handle();
-    croaks_like(sub { $f->attach($f->plan) },
-        qr/\(the Perl storage alloc callback returned undef, not a volume id\)/, 'attach');
+    my $err = fails_like(sub { $f->attach($f->plan) }, 'fleece_attach',
+        qr/: the Perl storage alloc callback returned undef, not a volume id\z/, 'attach');
+    is($err->code, EINVAL, 'EINVAL');
     nothing_left('alloc returned undef');
 };
 
 subtest 'path dies' => sub {
     local $fail{path} = 'path lookup exploded';
     my $f = handle();
-    croaks_like(sub { $f->attach($f->plan) },
-        qr/^fleece_attach: the storage path callback failed for volume perl:vm-100-fleece-0\.qcow2.*the Perl storage path callback died: path lookup exploded/,
+    fails_like(sub { $f->attach($f->plan) }, 'fleece_attach',
+        qr/^the storage perl:store has no path for volume perl:vm-100-fleece-0\.qcow2: path lookup exploded\z/,
         'attach');
     nothing_left('path died');
 };
@@ -196,9 +215,8 @@ subtest 'path dies' => sub {
 subtest 'record store dies' => sub {
     local $fail{store} = sub { "config locked by another task\n" };
     my $f = handle();
-    croaks_like(sub { $f->attach($f->plan) },
-        qr/^fleece_attach: the record store callback failed .*the Perl record store callback died: config locked by another task/,
-        'attach');
+    fails_like(sub { $f->attach($f->plan) }, 'fleece_attach',
+        qr/^the record store callback failed .*: config locked by another task\z/, 'attach');
     delete $fail{store};
     nothing_left('store died');
 };
@@ -206,10 +224,10 @@ subtest 'record store dies' => sub {
 subtest 'record load dies' => sub {
     my $f = handle();
     local $fail{load} = 'cannot read the guest config';
-    croaks_like(sub { $f->record },
-        qr/^fleece_get_record: the record load callback failed for VM 100: .*\(the Perl record load callback died: cannot read the guest config\)/,
-        'record');
-    croaks_like(sub { $f->attach($f->plan) }, qr/record load callback died/, 'attach');
+    fails_like(sub { $f->record }, 'fleece_get_record',
+        qr/^the record load callback failed for VM 100: cannot read the guest config\z/, 'record');
+    fails_like(sub { $f->attach($f->plan) }, 'fleece_attach', qr/cannot read the guest config/,
+        'attach');
     delete $fail{load};
     nothing_left('load died');
 };
@@ -217,23 +235,26 @@ subtest 'record load dies' => sub {
 subtest 'exception objects and multi-line messages' => sub {
     local $fail{path} = sub { bless { msg => "obj" }, 'My::Error' };
     my $f = handle();
-    croaks_like(sub { $f->attach($f->plan) }, qr/callback died: My::Error=HASH/, 'an object');
+    fails_like(sub { $f->attach($f->plan) }, 'fleece_attach', qr/: My::Error=HASH/, 'an object');
+    local $fail{path} = "first line\nsecond line\n";
+    fails_like(sub { $f->attach($f->plan) }, 'fleece_attach', qr/: first line second line\z/,
+        'a multi-line message becomes one line');
     nothing_left('object exception');
 };
 
-subtest 'free dies during cleanup' => sub {
+subtest 'remove dies during cleanup' => sub {
     my $f = handle();
     ok($f->attach($f->plan), 'attach');
     {
-        local $fail{free} = 'storage offline';
-        croaks_like(sub { $f->cleanup },
-            qr/^fleece_cleanup: could not free fleecing images of VM 100: perl:vm-100-fleece-0\.qcow2, perl:vm-100-fleece-1\.qcow2 \(.*the Perl storage free callback died: storage offline/,
+        local $fail{remove} = 'storage offline';
+        fails_like(sub { $f->cleanup }, 'fleece_cleanup',
+            qr/^the storage perl:store could not free volume perl:vm-100-fleece-\d\.qcow2: storage offline\z/,
             'cleanup');
         ok($records{$VMID}, 'the record is kept for a later cleanup');
         is_deeply([$vm->node_names], [$vm->nodes_before], 'QEMU restored all the same');
     }
     ok($f->cleanup, 'a second cleanup once the storage is back');
-    nothing_left('free died');
+    nothing_left('remove died');
 };
 
 subtest 'log and progress die' => sub {
@@ -269,6 +290,68 @@ subtest 'callbacks cannot re-enter their handle' => sub {
     nothing_left('re-entered');
 };
 
+# ---- blockdev definitions and the lifetime of callbacks -------------------
+
+subtest 'blockdev callback: a hash of QEMU options' => sub {
+    @calls = ();
+    my @defs;
+    my %bd = (%$storage, blockdev => sub {
+        my ($volid) = @_;
+        push @calls, "blockdev $volid";
+        (my $name = $volid) =~ s/^perl://;
+        my $def = { driver => 'file', filename => "$store_dir/$name", 'aio' => 'threads' };
+        push @defs, $def;
+        return $def;
+    });
+    delete $bd{path};
+    my $f = handle(storage => \%bd);
+    my $plan = $f->plan;
+    ok($f->attach($plan), 'attach') or return;
+    is_deeply([grep { /^(blockdev|path)/ } @calls],
+        ['blockdev perl:vm-100-fleece-0.qcow2', 'blockdev perl:vm-100-fleece-1.qcow2'],
+        'QEMU got the blockdev definitions (no path asked)');
+    my %file = map { $_->{'node-name'} => $_ }
+        @{ $vm->qmp('query-named-block-nodes', { flat => JSON::PP::true }) };
+    my @ours = grep { $_->{drv} eq 'file' && ($_->{file} // '') =~ m{^\Q$store_dir\E/} } values %file;
+    is(scalar(@ours), 2, 'two file nodes over the images the callback named');
+    ok($f->cleanup, 'cleanup');
+    nothing_left('blockdev');
+
+    # Not a hash with a driver: the library says so.
+    $bd{blockdev} = sub { return { filename => '/x' } };
+    $f = handle(storage => \%bd);
+    fails_like(sub { $f->attach($f->plan) }, 'fleece_attach',
+        qr/has no QEMU blockdev definition for volume perl:vm-100-fleece-0\.qcow2: it is not a JSON object with a "driver"/,
+        'a definition without driver');
+    nothing_left('blockdev without driver');
+};
+
+{
+    package Guard;
+    our $freed = 0;
+    sub new { bless {}, $_[0] }
+    sub DESTROY { $freed++ }
+}
+
+subtest 'the library decides how long a callback lives' => sub {
+    local $Guard::freed = 0;
+    # Each callback closes over a Guard, destroyed when the binding lets go of the code.
+    my $f = handle(log => do { my $g = Guard->new; sub { push @log, [@_] if $g } });
+    is($Guard::freed, 0, 'the log callback is held');
+    $f->set(log => do { my $g = Guard->new; sub { $g } });
+    is($Guard::freed, 1, 'replaced: the old one is released (its free function ran)');
+    $f->set(progress => do { my $g = Guard->new; sub { $g } },
+        record => do { my $g = Guard->new; { load => sub { $g && undef }, store => sub { $g } } });
+    my $st = Fleece::_storage({ %$storage, alloc => do { my $g = Guard->new; sub { $g } } });
+    $f->set(storage => $st);
+    is($Guard::freed, 1, 'progress, record and storage callbacks are held');
+    croaks_like(sub { $st->set_alloc_callback(sub {}) }, qr/has been freed or given away/,
+        'a storage given to a handle is no longer the Perl object\'s');
+    undef $st;
+    undef $f;
+    is($Guard::freed, 5, 'the handle freed: every callback released');
+};
+
 # ---- recovery -----------------------------------------------------------
 
 subtest 'recovery with the record and the Perl storage' => sub {
@@ -299,10 +382,14 @@ subtest 'recovery with the record and the Perl storage' => sub {
         'again with record callbacks');
     nothing_left('recovered');
 
-    my $err = eval { Fleece->cleanup(vmid => $VMID, record => $json, state_dir => $state,
-        qmp => $vm->qmp_path); 1 } ? '' : $@;
-    like($err, qr/^fleece_cleanup: could not free fleecing images of VM 100: .*no storage/,
+    fails_like(sub { Fleece->cleanup(vmid => $VMID, record => $json, state_dir => $state,
+                qmp => $vm->qmp_path) }, 'fleece_cleanup',
+        qr/^the fleecing images of VM 100 are in .*perl:store.*, not in the storage given now \(none\)/,
         'a record of callback storage needs the storage to clean up');
+    fails_like(sub { Fleece->cleanup(vmid => $VMID, record => $json, state_dir => $state,
+                storage => { %$storage, id => 'perl:other' }) }, 'fleece_cleanup',
+        qr/are in .*perl:store.*, not in the storage given now/,
+        '... the storage with the id the record names');
     is_deeply(\@warnings, [], 'no warnings');
 };
 

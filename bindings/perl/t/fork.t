@@ -7,6 +7,7 @@ use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 
+use Errno ();
 use JSON::PP qw(encode_json decode_json);
 use POSIX ();
 use Test::More;
@@ -42,12 +43,18 @@ subtest 'refused in the child' => sub {
         my %r;
         for my $m (qw(vmid record cleanup progress cancel plan)) {
             eval { $f->$m };
-            $r{$m} = $@;
+            $r{$m} = "$@";
         }
         eval { $f->set(bwlimit => 1) };
-        $r{set} = $@;
+        $r{set} = "$@";
+        # Below the .pm's check, the library refuses too.
+        eval { $f->{raw}->get_vmid };
+        $r{raw} = ref($@) ? [$@->function, $@->code, $@->message] : "$@";
         return \%r;
     });
+    is_deeply(delete $res->{raw}, ['fleece_get_vmid', Errno::EPERM(),
+        "the handle belongs to process $parent; it cannot be used after fork()"],
+        'the library refuses a forked child with EPERM');
     for my $m (sort keys %$res) {
         like($res->{$m}, qr/^Fleece: handle used after fork \(created in pid $parent, this is pid \d+\); make a new handle in this process at /,
             "$m refused");
@@ -78,13 +85,13 @@ subtest 'a child destroys its copy in the middle of a backup' => sub {
     my $res = in_child(sub {
         my %r;
         eval { $f->progress };
-        $r{progress} = $@;
+        $r{progress} = "$@";
         # Destroy the child's copy explicitly (fleece_free in the child).
         undef $f;
         # The parent's lock must still be held: a new handle here cannot
         # take it.
         eval { Fleece->new(vmid => 100, state_dir => $state)->cleanup };
-        $r{cleanup} = $@;
+        $r{cleanup} = ref($@) ? $@->function . ': ' . $@->message : "$@";
         return \%r;
     });
     like($res->{progress}, qr/^Fleece: handle used after fork \(created in pid $parent/,

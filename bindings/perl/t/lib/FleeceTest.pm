@@ -18,7 +18,7 @@ use Time::HiRes ();
 
 our @EXPORT_OK = qw(
     qemu_binary need_qemu tmpdir make_image read_image allocated_bytes list_dir
-    write_file MiB KiB
+    write_file MiB KiB croaks_like fails_like
 );
 
 use constant { KiB => 1024, MiB => 1024 * 1024 };
@@ -43,6 +43,33 @@ sub need_qemu {
     if (system('sh', '-c', qemu_img() . ' --version >/dev/null 2>&1') != 0) {
         Test::More::plan(skip_all => 'qemu-img not found (set FLEECE_QEMU_IMG)');
     }
+}
+
+# $code croaks with a plain message (a Perl-side argument check).
+sub croaks_like {
+    my ($code, $re, $name) = @_;
+    my $ok = eval { $code->(); 1 };
+    my $err = $@;
+    Test::More::ok(!$ok, "$name: croaks") or return;
+    Test::More::ok(!ref($err), "$name: with a plain message") or Test::More::diag(ref($err));
+    Test::More::like($err, $re, "$name: message") or Test::More::diag($err);
+    return $err;
+}
+
+# $code fails in libfleece: a Fleece::Error from function $function whose
+# message (without the function's name) matches $re; returns the error.
+sub fails_like {
+    my ($code, $function, $re, $name) = @_;
+    my $ok = eval { $code->(); 1 };
+    my $err = $@;
+    Test::More::ok(!$ok, "$name: croaks") or return;
+    Test::More::isa_ok($err, 'Fleece::Error', "$name: the error")
+        or do { Test::More::diag($err); return };
+    Test::More::is($err->function, $function, "$name: function");
+    Test::More::like($err->message, $re, "$name: message") or Test::More::diag($err->message);
+    Test::More::unlike($err->message, qr/^fleece_\w+: /, "$name: no C function in front");
+    Test::More::is("$err", $err->message . "\n", "$name: stringifies to the message");
+    return $err;
 }
 
 sub tmpdir {
@@ -78,9 +105,10 @@ sub pattern {
 }
 
 sub make_image {
-    my ($path, $format, $size, $seed) = @_;
+    my ($path, $format, $size, $seed, $data) = @_;
     my $raw = $format eq 'raw' ? $path : "$path.raw-tmp";
-    write_file($raw, pattern($size, $seed));
+    $data //= $size;
+    write_file($raw, pattern($data, $seed) . ("\0" x ($size - $data)));
     if ($format ne 'raw') {
         run_tool(qemu_img(), 'convert', '-q', '-f', 'raw', '-O', $format, $raw, $path);
         unlink($raw);
@@ -123,7 +151,11 @@ package FleeceTest::VM;
 
 # A QEMU shaped like a Proxmox VM.  disks: [ { key, format, size, bus } ]
 # with bus 'scsi' (scsi-hd on virtio-scsi-pci scsihw0) or 'virtio'
-# (virtio-blk-pci), drive ids drive-<key> and device ids <key>.
+# (virtio-blk-pci), drive ids drive-<key> and device ids <key>; a disk's
+# image is made at its 'path' if given (and its first 'data' bytes are the
+# pattern, the rest zero, if given).  qemu => [binary, args...] runs another
+# QEMU (e.g. Proxmox's, with its firmware paths); running => 1 lets the
+# guest CPU run (no -S).
 
 use strict;
 use warnings;
@@ -150,7 +182,8 @@ sub start {
         rbuf   => '',
     }, $class;
     my @args = (
-        FleeceTest::qemu_binary(), '-machine', 'q35', '-accel', 'tcg', '-S', '-nodefaults',
+        @{ $opts{qemu} // [FleeceTest::qemu_binary()] },
+        '-machine', 'q35', '-accel', 'tcg', ($opts{running} ? () : '-S'), '-nodefaults',
         '-display', 'none',
         '-qmp', "unix:$dir/qmp.sock,server=on,wait=off",
         '-qmp', "unix:$dir/test.sock,server=on,wait=off",
@@ -159,8 +192,8 @@ sub start {
     my $seed = 1;
     my $scsi = 0;
     for my $d (@{ $opts{disks} }) {
-        my $path = "$dir/$d->{key}.$d->{format}";
-        FleeceTest::make_image($path, $d->{format}, $d->{size}, $seed++);
+        my $path = $d->{path} // "$dir/$d->{key}.$d->{format}";
+        FleeceTest::make_image($path, $d->{format}, $d->{size}, $seed++, $d->{data});
         push @{ $self->{disks} }, { %$d, path => $path };
         push @args, '-drive',
             "file=$path,if=none,id=drive-$d->{key},format=$d->{format},discard=unmap";
@@ -188,6 +221,7 @@ sub start {
 }
 
 sub dir { $_[0]{dir} }
+sub pid { $_[0]{pid} }
 sub qmp_path { $_[0]{qmp} }
 sub disks { @{ $_[0]{disks} } }
 

@@ -1,0 +1,5 @@
+package PVE::Storage::Plugin;
+# Test stand-in.
+use strict;
+use warnings;
+1;
