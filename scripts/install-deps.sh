@@ -42,11 +42,16 @@ export DEBIAN_FRONTEND=noninteractive
 # Third-party sources that are unreachable must not stop us; Debian's own must work.
 apt-get update || true
 
+# The build (librbd for the RBD storage), the tests (a throwaway Ceph for
+# the RBD suite, zstd for VMA through a pipe), the Debian packages
+# (debhelper, lintian) and the benchmarks' plots.
 apt-get install -y --no-install-recommends \
     build-essential meson ninja-build pkg-config \
-    libglib2.0-dev libjson-c-dev uuid-dev check \
+    libglib2.0-dev libjson-c-dev uuid-dev librbd-dev librados-dev check \
     valgrind abigail-tools clang libclang-rt-dev \
     perl libextutils-pkgconfig-perl libtest-simple-perl \
+    debhelper lintian zstd \
+    ceph-mon ceph-osd ceph-common \
     gnuplot-nox ca-certificates
 
 if [ "$codename" = bookworm ]; then

@@ -1,15 +1,38 @@
 #!/bin/sh
 # The README's test command: install what is needed, build with warnings as
-# errors, run every suite, check what `meson install` installs, then the
-# unit suites and the engines' end-to-end tests under valgrind, the whole
-# suite under ASan+UBSan, and a short libFuzzer run of each fuzz target
-# (FLEECE_FUZZ_SECONDS, default 20).
+# errors, run every suite, check what `meson install` installs and the
+# Debian packages, then the unit suites and the engines' end-to-end tests
+# under valgrind, the whole suite under ASan+UBSan, and a short libFuzzer
+# run of each fuzz target (FLEECE_FUZZ_SECONDS, default 20).
+#
+# Upstream material, where the machine has it (each suite that needs one
+# says so and is skipped without it):
+#   FLEECE_PVE_QEMU         Proxmox's patched qemu-system-x86_64 (a
+#                           Proxmox host's /usr/bin/kvm works), for the
+#                           pve-real suite; or
+#   FLEECE_PVE_QEMU_KIT     a kit that builds it (build-pve-qemu.sh, cached
+#                           in /var/cache/pve-qemu-build: ~10 min once);
+#   FLEECE_QEMU_SERVER_SRC  qemu-server's source tree (its cfg2cmd
+#                           command-line expectations, its Perl modules);
+#   FLEECE_CEPH_UP          ceph-up.sh, a throwaway single-node Ceph.
 # Run as root on Debian 12.
 set -eu
 cd "$(dirname "$0")/.."
 top=$(pwd)
 
 ./scripts/install-deps.sh
+
+if [ -z "${FLEECE_PVE_QEMU:-}" ] && [ -n "${FLEECE_PVE_QEMU_KIT:-}" ]; then
+    echo "== Proxmox's patched QEMU (built once, then cached)"
+    "$FLEECE_PVE_QEMU_KIT/build-pve-qemu.sh" > /tmp/fleece-pve-qemu-build.log 2>&1 || {
+        tail -40 /tmp/fleece-pve-qemu-build.log >&2; exit 1; }
+    tail -3 /tmp/fleece-pve-qemu-build.log
+    export FLEECE_PVE_QEMU=/var/cache/pve-qemu-build/build/qemu-system-x86_64
+fi
+for v in FLEECE_PVE_QEMU FLEECE_QEMU_SERVER_SRC FLEECE_CEPH_UP; do
+    eval "val=\${$v:-}"
+    echo "   $v=${val:-(not set: its tests are skipped)}"
+done
 
 setup () {
     dir=$1; shift
@@ -30,12 +53,15 @@ meson test -C build-test --print-errorlogs --num-processes 2
 echo "== meson install, used from the install"
 tests/check-install.sh build-test
 
+echo "== Debian packages: built, lintian, installed, used and removed"
+tests/check-deb.sh
+
 echo "== unit suites and the engines' end-to-end tests under valgrind"
 meson test -C build-test --setup valgrind --suite unit --print-errorlogs --num-processes 2
-# The fault matrix and the demo would take several minutes more under
-# valgrind; ASan+UBSan covers them below.
+# The fault matrix, the fixtures and the demo would take several minutes
+# more under valgrind; ASan+UBSan covers them below.
 meson test -C build-test --setup valgrind --print-errorlogs --num-processes 1 \
-    test-lifecycle test-pve
+    test-lifecycle test-pve test-pve-real test-safety
 
 echo "== all suites under ASan+UBSan"
 setup build-asan -Dwerror=true -Dbuildtype=debug -Db_sanitize=address,undefined -Db_lundef=false
