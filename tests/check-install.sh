@@ -24,8 +24,8 @@ root=$dest$prefix
 version=$(sed -n "s/^  version : '\(.*\)',$/\1/p" "$src/meson.build")
 
 # The library, its header, pkg-config file and man pages.
-libdir=$(dirname "$(find "$root" -name libfleece.so.0 | head -1)")
-[ -n "$libdir" ] && [ -e "$libdir/libfleece.so" ] || fail "libfleece.so.0 / libfleece.so not installed"
+libdir=$(dirname "$(find "$root" -name libfleece.so.1 | head -1)")
+[ -n "$libdir" ] && [ -e "$libdir/libfleece.so" ] || fail "libfleece.so.1 / libfleece.so not installed"
 [ -f "$root/include/fleece/fleece.h" ] || fail "fleece.h not installed"
 [ -f "$libdir/pkgconfig/fleece.pc" ] || fail "fleece.pc not installed"
 [ -f "$root/share/man/man1/fleece.1" ] || fail "fleece.1 not installed"
