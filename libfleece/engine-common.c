@@ -451,6 +451,57 @@ fleece_await_jobs (FleeceCtx *ctx, GHashTable *ids, GError **err)
 }
 
 bool
+fleece_add_storage_objects (FleeceRun *run, GError **err)
+{
+  g_autofree char *prefix = g_strdup_printf ("fleece-%.8s", fleece_jstr (run->record, "run"));
+  g_autoptr (json_object) objs = NULL;
+  g_autoptr (GError) oerr = NULL;
+  json_object *ids;
+
+  if (!run->ctx->storage)
+    return true;
+  if (!(objs = fleece_storage_qemu_objects (run->ctx->storage, prefix, &oerr))) {
+    if (!oerr)
+      return true;                /* the storage needs none */
+    g_propagate_error (err, g_steal_pointer (&oerr));
+    return false;
+  }
+  /* Write-ahead: the ids first, so that undo removes what was added. */
+  ids = json_object_new_array ();
+  for (size_t i = 0; i < json_object_array_length (objs); i++)
+    json_object_array_add (ids, json_object_new_string (
+                             fleece_jstr (json_object_array_get_idx (objs, i), "id")));
+  json_object_object_add (run->record, "qemu-objects", ids);
+  if (!fleece_run_save (run, err))
+    return false;
+  for (size_t i = 0; i < json_object_array_length (objs); i++)
+    if (!fleece_conn_do (run->ctx->conn, "object-add",
+                         json_object_get (json_object_array_get_idx (objs, i)), err))
+      return false;
+  return true;
+}
+
+void
+fleece_del_storage_objects (FleeceCtx *ctx, json_object *record)
+{
+  json_object *ids = fleece_jobj (record, "qemu-objects");
+
+  for (size_t i = 0; ids && json_object_is_type (ids, json_type_array) &&
+                     i < json_object_array_length (ids); i++) {
+    const char *id = json_object_get_string (json_object_array_get_idx (ids, i));
+    g_autoptr (GError) e = NULL;
+    json_object *a;
+
+    if (!id || !g_str_has_prefix (id, "fleece-"))
+      continue;
+    a = json_object_new_object ();
+    fleece_jset_str (a, "id", id);
+    if (!fleece_conn_do (ctx->conn, "object-del", a, &e))
+      fleece_log (ctx, FLEECE_LOG_DEBUG, "%s", e->message);
+  }
+}
+
+bool
 fleece_add_image_file (FleeceCtx *ctx, const FleeceDrive *d, const char *node,
                        GError **err)
 {

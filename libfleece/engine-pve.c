@@ -752,7 +752,8 @@ pve_attach (FleeceRun *run, GError **err)
   FleeceCtx *ctx = run->ctx;
   bool hmp = attach_by_hmp (ctx);
 
-  if (!check_no_backup_running (ctx, err) || !format_images (run, err))
+  if (!check_no_backup_running (ctx, err) || !fleece_add_storage_objects (run, err) ||
+      !format_images (run, err))
     return false;
   for (guint i = 0; i < run->plan->drives->len; i++) {
     FleeceDrive *d = run->plan->drives->pdata[i];

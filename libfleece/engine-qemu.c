@@ -976,7 +976,7 @@ qemu_attach (FleeceRun *run, GError **err)
 {
   g_autoptr (GHashTable) jobs = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, g_free);
 
-  if (!add_image_files (run, jobs, err) ||
+  if (!fleece_add_storage_objects (run, err) || !add_image_files (run, jobs, err) ||
       (g_hash_table_size (jobs) > 0 && !fleece_finish_format_jobs (run->ctx, jobs, err)))
     return false;
   for (guint i = 0; i < run->plan->drives->len; i++) {

@@ -148,6 +148,11 @@ bool fleece_marker_alive (const FleeceMarker *m);
 bool fleece_await_jobs (FleeceCtx *ctx, GHashTable *ids, GError **err);
 bool fleece_job_do (FleeceCtx *ctx, const char *cmd, const char *id,
                     GError **err);
+/* QEMU objects the storage's images need (an RBD key as a secret), added
+ * once per run before the first image, their ids recorded first. */
+bool fleece_add_storage_objects (FleeceRun *run, GError **err);
+/* Remove the objects a record lists (after the images are detached). */
+void fleece_del_storage_objects (FleeceCtx *ctx, json_object *record);
 /* blockdev-add the protocol node of d's fleecing image as its storage
  * defines it (a file, a block device, RBD, the caller's definition), named
  * node, with discard and zero detection passed down so the backup's

@@ -123,6 +123,8 @@ typedef struct {
 void fleece_image_clear (FleeceImage *img);
 
 unsigned fleece_storage_flags (const struct fleece_storage *st);
+/* "dir", "rbd" or "callback" (NULL for no storage). */
+const char *fleece_storage_type (const struct fleece_storage *st);
 /* Is st the caller's (callbacks that may take time or use QEMU's monitor
  * themselves: never call them holding the monitor)? */
 bool fleece_storage_is_callers (const struct fleece_storage *st);

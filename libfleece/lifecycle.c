@@ -240,6 +240,8 @@ undo_in_qemu (FleeceCtx *ctx, json_object *record, GError **err)
     return false;
   } else if (!ops->undo (ctx, record, false, err))
     return false;
+  else
+    fleece_del_storage_objects (ctx, record);
   return !ours || fleece_marker_del (ctx, ours, err);
 }
 

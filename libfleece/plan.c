@@ -193,6 +193,20 @@ choose_format (const FleeceSettings *set, unsigned flags, const FleeceDrive *d,
   return fmt;
 }
 
+/* QEMU must reach the storage's images. */
+static bool
+check_storage_driver (FleeceCtx *ctx, GError **err)
+{
+  if (g_strcmp0 (fleece_storage_type (ctx->storage), "rbd") != 0 || ctx->features->rbd)
+    return true;
+  g_set_error (err, FLEECE_ERROR, ENOTSUP, "this QEMU %d.%d.%d has no rbd "
+               "block driver for the RBD fleecing storage (Debian: install "
+               "qemu-block-extra and restart the VM; a QEMU built "
+               "without rbd cannot use it)", ctx->features->qemu_major,
+               ctx->features->qemu_minor, ctx->features->qemu_micro);
+  return false;
+}
+
 static bool
 decide (FleeceCtx *ctx, struct fleece_plan *p, GError **err)
 {
@@ -212,6 +226,8 @@ decide (FleeceCtx *ctx, struct fleece_plan *p, GError **err)
                    "fleece_set_storage() or plan with FLEECE_PLAN_NO_FLEECING");
       return false;
     }
+    if (n == 0 && !check_storage_driver (ctx, err))
+      return false;
     if (!(fmt = choose_format (ctx->set, flags, d, err)))
       return false;
     d->fleeced = true;

@@ -451,6 +451,12 @@ fleece_image_clear (FleeceImage *img)
   img->unformatted = false;
 }
 
+const char *
+fleece_storage_type (const struct fleece_storage *st)
+{
+  return st ? st->ops->type : NULL;
+}
+
 bool
 fleece_storage_is_callers (const struct fleece_storage *st)
 {
