@@ -519,6 +519,24 @@ fleece_add_image_file (FleeceCtx *ctx, const FleeceDrive *d, const char *node,
 }
 
 bool
+fleece_add_image_format (FleeceCtx *ctx, const FleeceDrive *d, const char *node,
+                         const char *file_node, GError **err)
+{
+  json_object *a = json_object_new_object ();
+
+  fleece_jset_str (a, "driver", d->format);
+  fleece_jset_str (a, "node-name", node);
+  fleece_jset_str (a, "discard", "unmap");
+  fleece_jset_str (a, "detect-zeroes", "unmap");
+  fleece_jset_str (a, "file", file_node);
+  /* Storages round sizes up (LVM extents, KiB for raw): raw takes the
+   * exact size, qcow2 was created with it. */
+  if (strcmp (d->format, "raw") == 0)
+    fleece_jset_int (a, "size", (int64_t) d->size);
+  return fleece_conn_do (ctx->conn, "blockdev-add", a, err);
+}
+
+bool
 fleece_format_qcow2 (FleeceCtx *ctx, const char *job, const char *node,
                      uint64_t size, const char *backing,
                      const char *backing_fmt, GError **err)

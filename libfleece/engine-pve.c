@@ -153,21 +153,10 @@ cmd_attach_blockdev (FleeceCtx *ctx, const FleeceDrive *d, bool file_added,
 {
   g_autofree char *node = fleecing_id (d->device);
   g_autofree char *fnode = fleecing_file_node (d->device);
-  json_object *a;
 
   if (!file_added && !fleece_add_image_file (ctx, d, fnode, err))
     return false;
-  a = json_object_new_object ();
-  fleece_jset_str (a, "driver", d->format);
-  fleece_jset_str (a, "node-name", node);
-  fleece_jset_str (a, "discard", "unmap");
-  fleece_jset_str (a, "detect-zeroes", "unmap");
-  fleece_jset_str (a, "file", fnode);
-  /* Storages round sizes up (LVM extents, KiB for raw): raw takes the exact
-   * size, qcow2 was created with it. */
-  if (strcmp (d->format, "raw") == 0)
-    fleece_jset_int (a, "size", (int64_t) d->size);
-  return qmp_do (ctx, "blockdev-add", a, err);
+  return fleece_add_image_format (ctx, d, node, fnode, err);
 }
 
 /* qemu-server before the blockdev switch: a BlockBackend named

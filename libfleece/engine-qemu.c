@@ -125,17 +125,8 @@ cmd_add_fleecing (FleeceCtx *ctx, const FleeceDrive *d, GError **err)
 {
   g_autofree char *node = fleecing_node (d->key);
   g_autofree char *fnode = fleecing_file_node (d->key);
-  json_object *a = json_object_new_object ();
 
-  fleece_jset_str (a, "driver", d->format);
-  fleece_jset_str (a, "node-name", node);
-  fleece_jset_str (a, "discard", "unmap");
-  fleece_jset_str (a, "detect-zeroes", "unmap");
-  fleece_jset_str (a, "file", fnode);
-  /* Storages round sizes up (LVM extents); raw takes the exact size. */
-  if (strcmp (d->format, "raw") == 0)
-    fleece_jset_int (a, "size", (int64_t) d->size);
-  return qmp_do (ctx, "blockdev-add", a, err);
+  return fleece_add_image_format (ctx, d, node, fnode, err);
 }
 
 static bool

@@ -159,6 +159,12 @@ void fleece_del_storage_objects (FleeceCtx *ctx, json_object *record);
  * discard-source frees space in the storage. */
 bool fleece_add_image_file (FleeceCtx *ctx, const FleeceDrive *d,
                             const char *node, GError **err);
+/* blockdev-add d's format node, named node, over its protocol node
+ * file_node: raw limited to the drive's exact size, discard and zero
+ * detection passed down as for the file. */
+bool fleece_add_image_format (FleeceCtx *ctx, const FleeceDrive *d,
+                              const char *node, const char *file_node,
+                              GError **err);
 /* QEMU writes qcow2 metadata for size bytes into the file under node, in
  * a job (blockdev-create: 64 KiB clusters, no preallocation, as qemu-img);
  * backing / backing_fmt for an incremental image of a chain (or NULL). */
