@@ -193,11 +193,47 @@ choose_format (const FleeceSettings *set, unsigned flags, const FleeceDrive *d,
   return fmt;
 }
 
+/* Whether QEMU can open rbd nodes.  The schema lists "rbd" whatever QEMU
+ * was built with (pve-qemu's --disable-rbd, a Debian QEMU without the
+ * module package qemu-block-extra), so ask it to open one that cannot
+ * open: without the driver QEMU says "Unknown driver" at once; with it,
+ * reading the conf fails before anything connects. */
+static bool
+qemu_has_rbd (FleeceCtx *ctx, bool *has, GError **err)
+{
+  json_object *a = json_object_new_object ();
+  g_autoptr (GError) e = NULL;
+
+  fleece_jset_str (a, "driver", "rbd");
+  fleece_jset_str (a, "node-name", "fleece-rbd-probe");
+  fleece_jset_str (a, "pool", "fleece-probe");
+  fleece_jset_str (a, "image", "fleece-probe");
+  fleece_jset_str (a, "conf", "/proc/self/fleece-no-such-conf");
+  *has = true;
+  if (fleece_conn_do (ctx->conn, "blockdev-add", a, &e)) {
+    a = json_object_new_object ();
+    fleece_jset_str (a, "node-name", "fleece-rbd-probe");
+    return fleece_conn_do (ctx->conn, "blockdev-del", a, err);
+  }
+  if (!g_error_matches (e, FLEECE_QMP_ERROR, FLEECE_QMP_ERROR_COMMAND)) {
+    g_propagate_error (err, g_steal_pointer (&e));
+    return false;
+  }
+  *has = !strstr (e->message, "Unknown driver");
+  return true;
+}
+
 /* QEMU must reach the storage's images. */
 static bool
 check_storage_driver (FleeceCtx *ctx, GError **err)
 {
-  if (g_strcmp0 (fleece_storage_type (ctx->storage), "rbd") != 0 || ctx->features->rbd)
+  bool has = false;
+
+  if (g_strcmp0 (fleece_storage_type (ctx->storage), "rbd") != 0)
+    return true;
+  if (ctx->features->rbd && !qemu_has_rbd (ctx, &has, err))
+    return false;
+  if (has)
     return true;
   g_set_error (err, FLEECE_ERROR, ENOTSUP, "this QEMU %d.%d.%d has no rbd "
                "block driver for the RBD fleecing storage (Debian: install "
