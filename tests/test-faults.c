@@ -43,6 +43,7 @@
 
 #include "faultlib.h"
 #include "fleece/fleece.h"
+#include "tl-only.h"
 
 #define MiB (1024 * 1024)
 
@@ -1724,21 +1725,6 @@ END_TEST
 /* ------------------------------------------------------------------ */
 /* main                                                                */
 /* ------------------------------------------------------------------ */
-
-/* FLEECE_FAULTS_ONLY=name,name runs only those tests (for debugging). */
-static bool
-wanted (const char *name)
-{
-  const char *only = g_getenv ("FLEECE_FAULTS_ONLY");
-  g_auto (GStrv) names = NULL;
-
-  if (!only || !*only)
-    return true;
-  names = g_strsplit (only, ",", -1);
-  return g_strv_contains ((const char *const *) names, name);
-}
-
-#define ADD(tc, t) do { if (wanted (#t)) tcase_add_test (tc, t); } while (0)
 
 static Suite *
 qemu_suite (void)

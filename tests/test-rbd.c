@@ -20,6 +20,7 @@
 #include "internal.h"
 #include "rbd.h"
 #include "tl-ceph.h"
+#include "tl-only.h"
 
 #define KiB 1024ull
 #define MiB (1024ull * 1024)
@@ -1034,21 +1035,6 @@ START_TEST (test_full_pool)
   remove_ok (r, "vm-110-fleece-0", id);
 }
 END_TEST
-
-/* FLEECE_TEST_ONLY=name[,name...]: run only those tests. */
-static bool
-wanted (const char *name)
-{
-  const char *only = g_getenv ("FLEECE_TEST_ONLY");
-  g_auto (GStrv) names = NULL;
-
-  if (!only || !*only)
-    return true;
-  names = g_strsplit (only, ",", -1);
-  return g_strv_contains ((const char *const *) names, name);
-}
-
-#define ADD(tc, t) do { if (wanted (#t)) tcase_add_test ((tc), t); } while (0)
 
 static Suite *
 unit_suite (void)

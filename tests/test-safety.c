@@ -38,6 +38,7 @@
 
 #include "faultlib.h"
 #include "fleece/fleece.h"
+#include "tl-only.h"
 
 #define NOBODY 65534
 
@@ -1239,21 +1240,6 @@ END_TEST
 /* ------------------------------------------------------------------ */
 /* main                                                                */
 /* ------------------------------------------------------------------ */
-
-/* FLEECE_SAFETY_ONLY=name,name runs only those tests (for debugging). */
-static bool
-wanted (const char *name)
-{
-  const char *only = g_getenv ("FLEECE_SAFETY_ONLY");
-  g_auto (GStrv) names = NULL;
-
-  if (!only || !*only)
-    return true;
-  names = g_strsplit (only, ",", -1);
-  return g_strv_contains ((const char *const *) names, name);
-}
-
-#define ADD(tc, t) do { if (wanted (#t)) tcase_add_test (tc, t); } while (0)
 
 int
 main (void)
