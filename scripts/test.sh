@@ -12,6 +12,9 @@
 #                           pve-real suite; or
 #   FLEECE_PVE_QEMU_KIT     a kit that builds it (build-pve-qemu.sh, cached
 #                           in /var/cache/pve-qemu-build: ~10 min once);
+#   FLEECE_PVE_QEMU_RBD     the same with the rbd block driver (Proxmox
+#                           builds it so), for the Proxmox engine on RBD;
+#                           built from the kit with --enable-rbd;
 #   FLEECE_QEMU_SERVER_SRC  qemu-server's source tree (its cfg2cmd
 #                           command-line expectations, its Perl modules);
 #   FLEECE_CEPH_UP          ceph-up.sh, a throwaway single-node Ceph.
@@ -29,7 +32,29 @@ if [ -z "${FLEECE_PVE_QEMU:-}" ] && [ -n "${FLEECE_PVE_QEMU_KIT:-}" ]; then
     tail -3 /tmp/fleece-pve-qemu-build.log
     export FLEECE_PVE_QEMU=/var/cache/pve-qemu-build/build/qemu-system-x86_64
 fi
-for v in FLEECE_PVE_QEMU FLEECE_QEMU_SERVER_SRC FLEECE_CEPH_UP; do
+# The kit configures QEMU without rbd; Proxmox ships it with rbd.  The RBD
+# suite runs the Proxmox engine on a second build with the driver (the
+# kit's script, run from a scratch copy with --enable-rbd instead; its own
+# work dir, the downloaded source shared), and the refusal on the first.
+if [ -z "${FLEECE_PVE_QEMU_RBD:-}" ] && [ -n "${FLEECE_PVE_QEMU_KIT:-}" ] \
+   && [ -n "${FLEECE_CEPH_UP:-}" ]; then
+    echo "== Proxmox's patched QEMU with rbd (built once, then cached)"
+    kit_copy=$(mktemp -d)
+    sed 's/--disable-rbd/--enable-rbd/; s/\(--with-pkgversion=[^ ]*\)/\1-rbd/' \
+        "$FLEECE_PVE_QEMU_KIT/build-pve-qemu.sh" > "$kit_copy/build-pve-qemu.sh"
+    grep -q -- --enable-rbd "$kit_copy/build-pve-qemu.sh" || {
+        echo "the kit's build script has no --disable-rbd to turn around" >&2; exit 1; }
+    orig=/var/cache/pve-qemu-build/dl/qemu_10.0.2+ds.orig.tar.xz
+    [ -f "$orig" ] || orig=
+    QEMU_ORIG=$orig PBS_STUB_DIR="$FLEECE_PVE_QEMU_KIT/pbs-stub" \
+        bash "$kit_copy/build-pve-qemu.sh" -p "$FLEECE_PVE_QEMU_KIT/patches" \
+        -w /var/cache/pve-qemu-build-rbd > /tmp/fleece-pve-qemu-rbd-build.log 2>&1 || {
+        tail -40 /tmp/fleece-pve-qemu-rbd-build.log >&2; exit 1; }
+    rm -rf "$kit_copy"
+    tail -3 /tmp/fleece-pve-qemu-rbd-build.log
+    export FLEECE_PVE_QEMU_RBD=/var/cache/pve-qemu-build-rbd/build/qemu-system-x86_64
+fi
+for v in FLEECE_PVE_QEMU FLEECE_PVE_QEMU_RBD FLEECE_QEMU_SERVER_SRC FLEECE_CEPH_UP; do
     eval "val=\${$v:-}"
     echo "   $v=${val:-(not set: its tests are skipped)}"
 done

@@ -13,7 +13,9 @@
  *   - a cleanup through another RBD storage refuses and names the pool;
  *   - a key instead of a conf reaches QEMU as a secret object, removed
  *     again;
- *   - Proxmox's patched QEMU built without rbd is refused at plan time;
+ *   - Proxmox's patched QEMU built without rbd is refused at plan time,
+ *     and one built with it ($FLEECE_PVE_QEMU_RBD) writes a VMA that
+ *     extracts to the point in time;
  *   - the fleece command (argv[1]) with --fleecing-storage rbd:POOL.
  *
  * One cluster for all cases ($FLEECE_CEPH_UP, tl-ceph.h); skipped (77)
@@ -844,43 +846,55 @@ END_TEST
 
 /* ---- 7. Proxmox's patched QEMU ------------------------------------------ */
 
-/* The patched QEMU built here is configured without rbd: the plan says so
- * before anything is made. */
-START_TEST (test_pve_qemu_without_rbd)
+/* A VM of disks d on the patched QEMU at path qemu (NULL: not there, the
+ * test is skipped saying so); *has_rbd: whether that build has the rbd
+ * driver (its schema lists rbd either way: only opening a node tells). */
+static TlVm *
+pve_vm_start (const char *qemu, const char *var, const char *tag, const TlDisk *d,
+              size_t n, bool *has_rbd)
 {
-  static const TlDisk one[] = { { "scsi0", "raw", 4 * MiB, "scsi", true } };
-  const char *pve = g_getenv ("FLEECE_PVE_QEMU");
   const char *const fw[] = { "-L", "/usr/share/seabios", "-L", "/usr/lib/ipxe/qemu",
                              "-L", "/usr/share/qemu", NULL };
   g_autofree char *old = g_strdup (g_getenv ("FLEECE_QEMU"));
-  GString *log;
-  TlVm *vm;
-  struct fleece_handle *h;
   g_autofree char *qerr = NULL;
-  bool has_rbd;
+  TlVm *vm;
 
-  if (!pve || !g_file_test (pve, G_FILE_TEST_IS_EXECUTABLE)) {
-    fprintf (stderr, "test_pve_qemu_without_rbd: skipped: FLEECE_PVE_QEMU does not "
-             "name Proxmox's qemu-system-x86_64\n");
-    return;
+  if (!qemu || !g_file_test (qemu, G_FILE_TEST_IS_EXECUTABLE)) {
+    fprintf (stderr, "%s: skipped: %s does not name Proxmox's qemu-system-x86_64\n",
+             tag, var);
+    return NULL;
   }
-  vm = tl_vm_new ("rbdpve", one, 1, 71);
-  g_setenv ("FLEECE_QEMU", pve, TRUE);
+  vm = tl_vm_new (tag, d, n, 71);
+  g_setenv ("FLEECE_QEMU", qemu, TRUE);
   tl_vm_start (vm, fw);
   if (old)
     g_setenv ("FLEECE_QEMU", old, TRUE);
   else
     g_unsetenv ("FLEECE_QEMU");
-  /* The premise: this build has no rbd driver (a pve-qemu with rbd, as
-   * Proxmox ships it, would make this test say nothing).  Its schema
-   * lists rbd all the same: only opening a node tells. */
   ck_assert_ptr_null (tl_qmp_try (vm->q, "blockdev-add", tl_json (
       "{\"driver\": \"rbd\", \"node-name\": \"probe\", \"pool\": \"p\", "
       "\"image\": \"i\", \"conf\": \"/nonexistent/ceph.conf\"}"), &qerr));
-  has_rbd = !strstr (qerr, "Unknown driver 'rbd'");
+  *has_rbd = !strstr (qerr, "Unknown driver 'rbd'");
+  return vm;
+}
+
+/* The patched QEMU as the kit builds it, without rbd: the plan says so
+ * before anything is made. */
+START_TEST (test_pve_qemu_without_rbd)
+{
+  static const TlDisk one[] = { { "scsi0", "raw", 4 * MiB, "scsi", true } };
+  GString *log;
+  TlVm *vm;
+  struct fleece_handle *h;
+  bool has_rbd = false;
+
+  if (!(vm = pve_vm_start (g_getenv ("FLEECE_PVE_QEMU"), "FLEECE_PVE_QEMU", "rbdpve",
+                           one, 1, &has_rbd)))
+    return;
   if (has_rbd) {
-    fprintf (stderr, "test_pve_qemu_without_rbd: skipped: %s has the rbd driver "
-             "(%s)\n", pve, qerr);
+    /* a pve-qemu with rbd, as Proxmox ships it, makes this test say nothing */
+    fprintf (stderr, "test_pve_qemu_without_rbd: skipped: FLEECE_PVE_QEMU has the "
+             "rbd driver\n");
     tl_vm_stop (vm);
     return;
   }
@@ -893,6 +907,91 @@ START_TEST (test_pve_qemu_without_rbd)
                  fleece_get_error ());
   tl_assert_nothing_left (vm, VMID);
   assert_pool_empty (NULL);
+  fleece_free (h);
+  g_string_free (log, TRUE);
+  tl_vm_stop (vm);
+}
+END_TEST
+
+/* The Proxmox engine on a patched QEMU with rbd (as Proxmox ships it):
+ * the fleecing images are in the pool while QEMU's own backup job writes
+ * a VMA, the guest overwrites data ahead of it, the VMA extracts to the
+ * point in time, and nothing is left in QEMU or the pool. */
+START_TEST (test_pve_point_in_time)
+{
+  const char *qemu = g_getenv ("FLEECE_PVE_QEMU_RBD");
+  const char *var = "FLEECE_PVE_QEMU_RBD";
+  GString *log = NULL;
+  TlVm *vm;
+  struct fleece_handle *h;
+  struct fleece_plan *p;
+  struct fleece_target *t;
+  g_autoptr (FleeceRbd) r = inspector (NULL);
+  g_autofree char *names = NULL, *drv = NULL, *vma = NULL, *args = NULL;
+  g_autofree char *bindir = NULL, *vma_bin = NULL, *ex = NULL, *out = NULL;
+  guint8 **pit;
+  bool has_rbd = false;
+  int status = 0;
+
+  if (!qemu || !*qemu) {      /* a Proxmox host's QEMU has rbd */
+    qemu = g_getenv ("FLEECE_PVE_QEMU");
+    var = "FLEECE_PVE_QEMU_RBD (or FLEECE_PVE_QEMU)";
+  }
+  if (!(vm = pve_vm_start (qemu, var, "rbdpvepit", disks, NDISKS, &has_rbd)))
+    return;
+  if (!has_rbd) {
+    fprintf (stderr, "test_pve_point_in_time: skipped: %s was built without the rbd "
+             "driver; set FLEECE_PVE_QEMU_RBD to one with it\n", qemu);
+    tl_vm_stop (vm);
+    return;
+  }
+  log = g_string_new (NULL);
+  h = rbd_handle (vm, vm->q->qmp_path, conf_storage (ceph->pool, NULL), log);
+  ck_assert_int_eq (fleece_get_engine (h), FLEECE_ENGINE_PVE);
+  ck_assert_int_eq (fleece_set_bwlimit (h, 4096), 0);
+  p = tl_plan (h, log);
+  ck_assert_str_eq (fleece_plan_get_image (p, 0), "vm-100-fleece-0");
+  ck_assert_str_eq (fleece_plan_get_format (p, 1), "raw");
+  ck_assert_msg (fleece_attach (h, p, 0) == 0, "%s\n%s", fleece_get_error (), log->str);
+  names = pool_images (r);
+  ck_assert_str_eq (names, "vm-100-fleece-0,vm-100-fleece-1");
+  assert_images_recorded (h, p, r);
+  /* qemu-server's names: the format node <device>-fleecing */
+  drv = node_driver (vm->q, "drive-scsi0-fleecing");
+  ck_assert_msg (g_strcmp0 (drv, "raw") == 0, "drive-scsi0-fleecing: driver %s", drv);
+
+  pit = tl_vm_snapshot (vm);
+  vma = g_build_filename (vm->target, "backup.vma", NULL);
+  args = g_strdup_printf ("{\"backup-file\": \"%s\", \"format\": \"vma\"}", vma);
+  ck_assert_ptr_nonnull (t = fleece_target_new_pve (args));
+  ck_assert_msg (fleece_start (h, p, t, 0) == 0, "%s\n%s", fleece_get_error (), log->str);
+  tl_guest_io (vm->q, "scsi0", "write -P 0xee 8M 8M");
+  tl_vm_overwrite_tail (vm, 0xee);
+  ck_assert_msg (tl_wait_end (h, 250) == 1, "%s\n%s", fleece_get_error (), log->str);
+  ck_assert_msg (fleece_cleanup (h, 0) == 0, "%s\n%s", fleece_get_error (), log->str);
+  tl_assert_nothing_left (vm, VMID);
+  tl_assert_graph_unchanged (vm);
+  assert_pool_empty (NULL);
+  assert_guest_data (vm, "scsi0", 0xee, 8 * MiB, 8 * MiB);
+
+  bindir = g_path_get_dirname (qemu);
+  vma_bin = g_build_filename (bindir, "vma", NULL);
+  ex = g_build_filename (vm->target, "ex", NULL);
+  {
+    const char *argv[] = { vma_bin, "extract", vma, ex, NULL };
+    ck_assert (g_spawn_sync (NULL, (char **) argv, NULL, G_SPAWN_STDERR_TO_DEV_NULL, NULL,
+                             NULL, &out, NULL, &status, NULL));
+    ck_assert_msg (WIFEXITED (status) && WEXITSTATUS (status) == 0, "vma extract: %s", out);
+  }
+  for (size_t i = 0; i < NDISKS; i++) {
+    g_autofree char *name = g_strdup_printf ("disk-drive-%s.raw", disks[i].key);
+    g_autofree char *path = g_build_filename (ex, name, NULL);
+    tl_assert_image_equals (path, "raw", pit[i], disks[i].size, name);
+  }
+
+  tl_vm_snapshot_free (vm, pit);
+  fleece_target_free (t);
+  fleece_plan_free (p);
   fleece_free (h);
   g_string_free (log, TRUE);
   tl_vm_stop (vm);
@@ -1004,6 +1103,7 @@ rbd_backup_suite (void)
   ADD (tc, test_cleanup_other_storage);
   ADD_LOOP (tc, test_key_secret, 2);
   ADD (tc, test_pve_qemu_without_rbd);
+  ADD (tc, test_pve_point_in_time);
   ADD (tc, test_cli_backup);
   suite_add_tcase (s, tc);
   /* Its own case, last: the ratios are restored (in the runner) even if
