@@ -310,12 +310,41 @@ fleece_rbd_new (const char *pool, const char *ns, GError **err)
   return r;
 }
 
+/* object-size, timeout and busy-timeout. */
+static bool
+set_number_option (FleeceRbd *r, const char *key, const char *value, GError **err)
+{
+  bool busy = key[0] == 'b';
+  uint64_t n;
+
+  if (key[0] == 'o') {
+    if (!parse_uint (value, UINT64_MAX, true, &n) || n < FLEECE_RBD_MIN_OBJECT_SIZE
+        || n > FLEECE_RBD_MAX_OBJECT_SIZE || (n & (n - 1)) != 0) {
+      g_set_error (err, FLEECE_ERROR, EINVAL,
+                   "RBD option object-size: \"%s\" is not a power of two "
+                   "from 4K to 32M", value);
+      return false;
+    }
+    r->object_size = n;
+    return true;
+  }
+  if (!parse_uint (value, 3600, false, &n) || (!busy && n == 0)) {
+    g_set_error (err, FLEECE_ERROR, EINVAL,
+                 "RBD option %s: \"%s\" is not %s to 3600 (seconds)", key,
+                 value, busy ? "0" : "1");
+    return false;
+  }
+  if (busy)
+    r->busy_timeout = n;
+  else
+    r->timeout = n;
+  return true;
+}
+
 bool
 fleece_rbd_set_option (FleeceRbd *r, const char *key, const char *value,
                        GError **err)
 {
-  uint64_t n;
-
   if (!r || !key || !value) {
     g_set_error (err, FLEECE_ERROR, EINVAL, "RBD option: key and value needed");
     return false;
@@ -359,27 +388,9 @@ fleece_rbd_set_option (FleeceRbd *r, const char *key, const char *value,
     if (!a)
       return false;
     set_str (&r->mon_host, value);
-  } else if (strcmp (key, "object-size") == 0) {
-    if (!parse_uint (value, UINT64_MAX, true, &n) || n < FLEECE_RBD_MIN_OBJECT_SIZE
-        || n > FLEECE_RBD_MAX_OBJECT_SIZE || (n & (n - 1)) != 0) {
-      g_set_error (err, FLEECE_ERROR, EINVAL,
-                   "RBD option object-size: \"%s\" is not a power of two "
-                   "from 4K to 32M", value);
-      return false;
-    }
-    r->object_size = n;
-  } else if (strcmp (key, "timeout") == 0 || strcmp (key, "busy-timeout") == 0) {
-    bool busy = key[0] == 'b';
-    if (!parse_uint (value, 3600, false, &n) || (!busy && n == 0)) {
-      g_set_error (err, FLEECE_ERROR, EINVAL,
-                   "RBD option %s: \"%s\" is not %s to 3600 (seconds)", key,
-                   value, busy ? "0" : "1");
-      return false;
-    }
-    if (busy)
-      r->busy_timeout = n;
-    else
-      r->timeout = n;
+  } else if (strcmp (key, "object-size") == 0 || strcmp (key, "timeout") == 0
+             || strcmp (key, "busy-timeout") == 0) {
+    return set_number_option (r, key, value, err);
   } else {
     g_set_error (err, FLEECE_ERROR, EINVAL,
                  "unknown RBD storage option \"%s\" (known: %s)", key,
@@ -519,11 +530,129 @@ conf_set (rados_t cluster, const char *k, const char *v, GError **err)
   return true;
 }
 
+/* The client's settings, before connecting: the caller's conf (as QEMU
+ * does: it must be readable; without one, Ceph's default conf is read if
+ * there is one), the timeouts, then monitors and credentials. */
+static bool
+configure_cluster (FleeceRbd *r, rados_t cluster, GError **err)
+{
+  g_autofree char *tmo = g_strdup_printf ("%u", r->timeout);
+  int rc = rados_conf_read_file (cluster, r->conf);
+
+  if (rc < 0 && r->conf) {
+    g_set_error (err, FLEECE_ERROR, -rc, "could not read the Ceph config %s: %s",
+                 r->conf, g_strerror (-rc));
+    return false;
+  }
+  /* A library has no admin socket in its caller's process (it would also
+   * collide with QEMU's for the same client name), and says what went
+   * wrong through its errors, not on the caller's stderr. */
+  if (!conf_set (cluster, "admin_socket", "", err)
+      || !conf_set (cluster, "log_to_stderr", "false", err)
+      || !conf_set (cluster, "err_to_stderr", "false", err)
+      || !conf_set (cluster, "client_mount_timeout", tmo, err)
+      || !conf_set (cluster, "rados_mon_op_timeout", tmo, err)
+      || !conf_set (cluster, "rados_osd_op_timeout", tmo, err)
+      || (r->mon_host && !conf_set (cluster, "mon_host", r->mon_host, err))
+      || (r->keyring && !conf_set (cluster, "keyring", r->keyring, err)))
+    return false;
+  if (r->key && (rc = rados_conf_set (cluster, "key", r->key)) < 0) {
+    g_set_error (err, FLEECE_ERROR, EINVAL, "Ceph did not take the key: %s",
+                 g_strerror (-rc));
+    return false;
+  }
+  return true;
+}
+
+/* Why rados_connect failed with rc, in words that say what to check. */
+static void
+connect_error (FleeceRbd *r, rados_t cluster, const char *client, int rc,
+               GError **err)
+{
+  g_autofree char *desc = cluster_desc (r, cluster);
+
+  switch (-rc) {
+  case ETIMEDOUT: {
+    /* librados says the same when no monitor is reachable and when they
+     * are but refuse the key: tell the two apart. */
+    char mons[1024] = "";
+    g_autofree char *up = NULL;
+    rados_conf_get (cluster, "mon_host", mons, sizeof mons);
+    up = answering_monitor (mons);
+    if (up)
+      g_set_error (err, FLEECE_ERROR, EACCES,
+                   "could not connect to %s as %s within %u s: the monitor "
+                   "at %s answers, but did not let %s in (wrong key or "
+                   "keyring, or no such client?)", desc, client,
+                   r->timeout, up, client);
+    else
+      g_set_error (err, FLEECE_ERROR, ETIMEDOUT,
+                   "could not connect to %s as %s within %u s: no monitor "
+                   "answered (is the cluster up and reachable?)", desc,
+                   client, r->timeout);
+    break;
+  }
+  case EACCES:
+  case EPERM:
+    g_set_error (err, FLEECE_ERROR, EACCES,
+                 "%s refused %s: %s (wrong key or keyring, or no such "
+                 "client?)", desc, client, g_strerror (-rc));
+    break;
+  case ENOENT:
+  case EINVAL:
+    g_set_error (err, FLEECE_ERROR, -rc,
+                 "could not connect to %s as %s: %s (no monitors or no "
+                 "key configured?)", desc, client, g_strerror (-rc));
+    break;
+  default:
+    g_set_error (err, FLEECE_ERROR, -rc, "could not connect to %s as %s: %s",
+                 desc, client, g_strerror (-rc));
+  }
+}
+
+/* r->io on the pool, in the namespace if one is given (which must
+ * exist: librbd would otherwise fail later with less to go on). */
+static bool
+open_pool (FleeceRbd *r, rados_t cluster, GError **err)
+{
+  bool exists = false;
+  int rc = rados_ioctx_create (cluster, r->pool, &r->io);
+
+  if (rc < 0) {
+    g_autofree char *desc = cluster_desc (r, cluster);
+    if (rc == -ENOENT)
+      g_set_error (err, FLEECE_ERROR, ENOENT, "there is no pool '%s' in %s",
+                   r->pool, desc);
+    else
+      g_set_error (err, FLEECE_ERROR, -rc, "could not open pool '%s' of %s: %s",
+                   r->pool, desc, g_strerror (-rc));
+    r->io = NULL;
+    return false;
+  }
+  if (!r->ns)
+    return true;
+  rados_ioctx_set_namespace (r->io, r->ns);
+  rc = rbd_namespace_exists (r->io, r->ns, &exists);
+  if (rc >= 0 && exists)
+    return true;
+  if (rc < 0)
+    g_set_error (err, FLEECE_ERROR, -rc,
+                 "could not look up RBD namespace '%s' of pool '%s': %s",
+                 r->ns, r->pool, g_strerror (-rc));
+  else
+    g_set_error (err, FLEECE_ERROR, ENOENT,
+                 "there is no RBD namespace '%s' in pool '%s' (create it "
+                 "with: rbd namespace create %s)", r->ns, r->pool, r->spec);
+  rados_ioctx_destroy (r->io);
+  r->io = NULL;
+  return false;
+}
+
 bool
 fleece_rbd_connect (FleeceRbd *r, GError **err)
 {
   rados_t cluster = NULL;
-  g_autofree char *client = NULL, *tmo = NULL, *desc = NULL;
+  g_autofree char *client = NULL;
   char fsid[64] = "";
   int rc;
 
@@ -536,107 +665,14 @@ fleece_rbd_connect (FleeceRbd *r, GError **err)
                  client, g_strerror (-rc));
     return false;
   }
-  /* As QEMU does: the given conf must be readable; without one, Ceph's
-   * default conf is read if there is one. */
-  rc = rados_conf_read_file (cluster, r->conf);
-  if (rc < 0 && r->conf) {
-    g_set_error (err, FLEECE_ERROR, -rc, "could not read the Ceph config %s: %s",
-                 r->conf, g_strerror (-rc));
+  if (!configure_cluster (r, cluster, err))
+    goto fail;
+  if ((rc = rados_connect (cluster)) < 0) {
+    connect_error (r, cluster, client, rc, err);
     goto fail;
   }
-  tmo = g_strdup_printf ("%u", r->timeout);
-  /* A library has no admin socket in its caller's process (it would also
-   * collide with QEMU's for the same client name), and says what went
-   * wrong through its errors, not on the caller's stderr. */
-  if (!conf_set (cluster, "admin_socket", "", err)
-      || !conf_set (cluster, "log_to_stderr", "false", err)
-      || !conf_set (cluster, "err_to_stderr", "false", err)
-      || !conf_set (cluster, "client_mount_timeout", tmo, err)
-      || !conf_set (cluster, "rados_mon_op_timeout", tmo, err)
-      || !conf_set (cluster, "rados_osd_op_timeout", tmo, err)
-      || (r->mon_host && !conf_set (cluster, "mon_host", r->mon_host, err))
-      || (r->keyring && !conf_set (cluster, "keyring", r->keyring, err)))
+  if (!open_pool (r, cluster, err))
     goto fail;
-  if (r->key) {
-    rc = rados_conf_set (cluster, "key", r->key);
-    if (rc < 0) {
-      g_set_error (err, FLEECE_ERROR, EINVAL, "Ceph did not take the key: %s",
-                   g_strerror (-rc));
-      goto fail;
-    }
-  }
-  rc = rados_connect (cluster);
-  if (rc < 0) {
-    desc = cluster_desc (r, cluster);
-    switch (-rc) {
-    case ETIMEDOUT: {
-      /* librados says the same when no monitor is reachable and when
-       * they are but refuse the key: tell the two apart. */
-      char mons[1024] = "";
-      g_autofree char *up = NULL;
-      rados_conf_get (cluster, "mon_host", mons, sizeof mons);
-      up = answering_monitor (mons);
-      if (up)
-        g_set_error (err, FLEECE_ERROR, EACCES,
-                     "could not connect to %s as %s within %u s: the monitor "
-                     "at %s answers, but did not let %s in (wrong key or "
-                     "keyring, or no such client?)", desc, client,
-                     r->timeout, up, client);
-      else
-        g_set_error (err, FLEECE_ERROR, ETIMEDOUT,
-                     "could not connect to %s as %s within %u s: no monitor "
-                     "answered (is the cluster up and reachable?)", desc,
-                     client, r->timeout);
-      break;
-    }
-    case EACCES:
-    case EPERM:
-      g_set_error (err, FLEECE_ERROR, EACCES,
-                   "%s refused %s: %s (wrong key or keyring, or no such "
-                   "client?)", desc, client, g_strerror (-rc));
-      break;
-    case ENOENT:
-    case EINVAL:
-      g_set_error (err, FLEECE_ERROR, -rc,
-                   "could not connect to %s as %s: %s (no monitors or no "
-                   "key configured?)", desc, client, g_strerror (-rc));
-      break;
-    default:
-      g_set_error (err, FLEECE_ERROR, -rc, "could not connect to %s as %s: %s",
-                   desc, client, g_strerror (-rc));
-    }
-    goto fail;
-  }
-  rc = rados_ioctx_create (cluster, r->pool, &r->io);
-  if (rc < 0) {
-    desc = cluster_desc (r, cluster);
-    if (rc == -ENOENT)
-      g_set_error (err, FLEECE_ERROR, ENOENT, "there is no pool '%s' in %s",
-                   r->pool, desc);
-    else
-      g_set_error (err, FLEECE_ERROR, -rc, "could not open pool '%s' of %s: %s",
-                   r->pool, desc, g_strerror (-rc));
-    r->io = NULL;
-    goto fail;
-  }
-  if (r->ns) {
-    bool exists = false;
-    rados_ioctx_set_namespace (r->io, r->ns);
-    rc = rbd_namespace_exists (r->io, r->ns, &exists);
-    if (rc < 0 || !exists) {
-      if (rc < 0)
-        g_set_error (err, FLEECE_ERROR, -rc,
-                     "could not look up RBD namespace '%s' of pool '%s': %s",
-                     r->ns, r->pool, g_strerror (-rc));
-      else
-        g_set_error (err, FLEECE_ERROR, ENOENT,
-                     "there is no RBD namespace '%s' in pool '%s' (create it "
-                     "with: rbd namespace create %s)", r->ns, r->pool, r->spec);
-      rados_ioctx_destroy (r->io);
-      r->io = NULL;
-      goto fail;
-    }
-  }
   if (rados_cluster_fsid (cluster, fsid, sizeof fsid) > 0)
     r->fsid = g_strdup (fsid);
   r->cluster = cluster;
@@ -788,18 +824,10 @@ open_ro (FleeceRbd *r, const char *name, rbd_image_t *img, bool quiet_enoent,
   return rc;
 }
 
-bool
-fleece_rbd_create (FleeceRbd *r, const char *name, uint64_t size,
-                   char **image_id, GError **err)
+/* A size an RBD image with the storage's object size can have. */
+static bool
+check_size (FleeceRbd *r, const char *name, uint64_t size, GError **err)
 {
-  rbd_image_options_t opts;
-  rbd_image_t img = NULL;
-  int rc, order = 0;
-  uint64_t actual = 0;
-
-  *image_id = NULL;
-  if (!check_name (name, "image", err))
-    return false;
   if (size == 0) {
     g_set_error (err, FLEECE_ERROR, EINVAL,
                  "RBD image %s/%s: a size of 0 bytes", r->spec, name);
@@ -817,6 +845,23 @@ fleece_rbd_create (FleeceRbd *r, const char *name, uint64_t size,
                  OBJECT_MAP_MAX_OBJECTS, r->object_size, need);
     return false;
   }
+  return true;
+}
+
+bool
+fleece_rbd_create (FleeceRbd *r, const char *name, uint64_t size,
+                   char **image_id, GError **err)
+{
+  rbd_image_options_t opts;
+  rbd_image_t img = NULL;
+  int rc, order = 0;
+  uint64_t actual = 0;
+
+  *image_id = NULL;
+  if (!check_name (name, "image", err))
+    return false;
+  if (!check_size (r, name, size, err))
+    return false;
   if (!fleece_rbd_connect (r, err))
     return false;
   while ((1ull << order) < r->object_size)
@@ -1010,28 +1055,29 @@ fleece_rbd_remove (FleeceRbd *r, const char *name, const char *image_id,
   return ok;
 }
 
-static bool
-remove_image (FleeceRbd *r, const char *name, const char *image_id,
-              GError **err)
+typedef enum { IMAGE_OURS, IMAGE_GONE, IMAGE_ERROR } ImageState;
+
+/* Whether name still is the run's image image_id with no one else
+ * holding it open (QEMU still attached, or killed and its watch not yet
+ * timed out: a trash move would take it from under its user); waits up
+ * to the busy timeout for that. */
+static ImageState
+prove_idle (FleeceRbd *r, const char *name, const char *image_id, GError **err)
 {
   rbd_image_t img = NULL;
   g_autofree char *cur = NULL, *tname = NULL, *watcher = NULL;
   gint64 deadline;
-  time_t t0;
   int rc, nw;
 
   rc = open_ro (r, name, &img, true, err);
-  if (rc == -ENOENT) {
-    /* Gone, or moved to the trash by a remove that was interrupted: that
-     * one is ours by id. */
-    if (trash_get (r, image_id, &tname) == 0)
-      return trash_remove (r, image_id, name, err);
-    return true;
-  }
+  if (rc == -ENOENT)
+    return IMAGE_GONE;
   if (rc < 0)
-    return false;
-  if (!image_get_id (img, &cur, err, name))
-    goto fail;
+    return IMAGE_ERROR;
+  if (!image_get_id (img, &cur, err, name)) {
+    rbd_close (img);
+    return IMAGE_ERROR;
+  }
   if (strcmp (cur, image_id) != 0) {
     rbd_close (img);
     if (trash_get (r, image_id, &tname) == 0)
@@ -1039,64 +1085,92 @@ remove_image (FleeceRbd *r, const char *name, const char *image_id,
     g_set_error (err, FLEECE_ERROR, EPERM,
                  "RBD image %s/%s is image %s, not %s (the one this run "
                  "created): not removing it", r->spec, name, cur, image_id);
-    return false;
+    return IMAGE_ERROR;
   }
-
-  /* Open elsewhere (QEMU still attached, or killed and its watch not yet
-   * timed out)?  A trash move would take it from under its user. */
   deadline = g_get_monotonic_time () + (gint64) r->busy_timeout * G_USEC_PER_SEC;
   while ((nw = count_watchers (img, &watcher)) > 0
          && g_get_monotonic_time () < deadline)
     g_usleep (250 * 1000);
   rbd_close (img);
-  img = NULL;
-  if (nw < 0) {
+  if (nw < 0)
     g_set_error (err, FLEECE_ERROR, -nw,
                  "could not list the watchers of RBD image %s/%s: %s", r->spec,
                  name, g_strerror (-nw));
-    return false;
-  }
-  if (nw > 0) {
+  else if (nw > 0)
     g_set_error (err, FLEECE_ERROR, EBUSY,
                  "RBD image %s/%s (id %s) is still open by %s%s after %u s: "
                  "not removing it", r->spec, name, image_id, watcher,
                  nw > 1 ? " and others" : "", r->busy_timeout);
-    return false;
-  }
+  return nw == 0 ? IMAGE_OURS : IMAGE_ERROR;
+}
 
-  /* Trash move resolves the name once and then works by that id; the
-   * delete that follows is by our id only. */
-  t0 = time (NULL);
-  rc = rbd_trash_move (r->io, name, 0);
+/* An image already gone from its name is done with, unless it is in the
+ * trash under our id (a remove that was interrupted): then finish it. */
+static bool
+remove_gone (FleeceRbd *r, const char *name, const char *image_id, GError **err)
+{
+  g_autofree char *tname = NULL;
+
+  if (trash_get (r, image_id, &tname) == 0)
+    return trash_remove (r, image_id, name, err);
+  return true;
+}
+
+/* Move name to the RBD trash (which resolves the name once and then
+ * works by that id): 1 moved, 0 nothing left to remove, -1 error. */
+static int
+trash_move_ours (FleeceRbd *r, const char *name, const char *image_id, GError **err)
+{
+  int rc = rbd_trash_move (r->io, name, 0);
+
   if (rc == -ENOENT) {
     /* Gone meanwhile - or not: librbd also says ENOENT when it could not
      * add the image to the trash (e.g. the pool is full). */
-    g_clear_pointer (&cur, g_free);
+    rbd_image_t img = NULL;
+    g_autofree char *cur = NULL;
     if (open_ro (r, name, &img, true, NULL) == 0) {
       image_get_id (img, &cur, NULL, name);
       rbd_close (img);
-      img = NULL;
     }
-    if (cur && strcmp (cur, image_id) == 0)
-      rc = fleece_rbd_check_space (r, NULL) ? -EIO : -ENOSPC;
-    else if (trash_get (r, image_id, &tname) == 0)
-      return trash_remove (r, image_id, name, err);
-    else
-      return true;
+    if (!cur || strcmp (cur, image_id) != 0)
+      return remove_gone (r, name, image_id, err) ? 0 : -1;
+    rc = fleece_rbd_check_space (r, NULL) ? -EIO : -ENOSPC;
   }
-  if (rc < 0) {
-    if (rc == -ENOSPC)
-      g_set_error (err, FLEECE_ERROR, ENOSPC,
-                   "could not remove RBD image %s/%s (id %s): pool '%s' is "
-                   "full and its OSDs refuse the metadata writes of a remove "
-                   "(moving the image to the RBD trash); free space or raise "
-                   "the full ratio for a moment (ceph osd set-full-ratio)",
-                   r->spec, name, image_id, r->pool);
-    else
-      explain_write_error (r, rc, err, "could not move RBD image %s/%s (id %s) "
-                           "to the trash to remove it", r->spec, name, image_id);
+  if (rc >= 0)
+    return 1;
+  if (rc == -ENOSPC)
+    g_set_error (err, FLEECE_ERROR, ENOSPC,
+                 "could not remove RBD image %s/%s (id %s): pool '%s' is "
+                 "full and its OSDs refuse the metadata writes of a remove "
+                 "(moving the image to the RBD trash); free space or raise "
+                 "the full ratio for a moment (ceph osd set-full-ratio)",
+                 r->spec, name, image_id, r->pool);
+  else
+    explain_write_error (r, rc, err, "could not move RBD image %s/%s (id %s) "
+                         "to the trash to remove it", r->spec, name, image_id);
+  return -1;
+}
+
+static bool
+remove_image (FleeceRbd *r, const char *name, const char *image_id,
+              GError **err)
+{
+  g_autofree char *tname = NULL;
+  time_t t0;
+  int rc;
+
+  switch (prove_idle (r, name, image_id, err)) {
+  case IMAGE_GONE:
+    return remove_gone (r, name, image_id, err);
+  case IMAGE_ERROR:
     return false;
+  case IMAGE_OURS:
+    break;
   }
+  t0 = time (NULL);
+  if ((rc = trash_move_ours (r, name, image_id, err)) <= 0)
+    return rc == 0;
+  /* The delete that follows is by our id only. */
   if (trash_get (r, image_id, &tname) != 0) {
     g_autoptr (GString) note = g_string_new ("");
     restore_foreign (r, name, image_id, t0, note);
@@ -1117,11 +1191,6 @@ remove_image (FleeceRbd *r, const char *name, const char *image_id,
     return false;
   }
   return true;
-
-fail:
-  if (img)
-    rbd_close (img);
-  return false;
 }
 
 /* ---- QEMU ---------------------------------------------------------- */

@@ -204,95 +204,108 @@ write_all (int fd, const char *buf, size_t len)
   return true;
 }
 
-static json_object *
-file_load (const char *dir, uint32_t vmid, GError **err)
+/* The record file at path in dir, opened for reading: its fd, or -1 with
+ * err set, or -1 with err unset when there is none (no state directory:
+ * create nothing; no file). */
+static int
+open_record (const char *dir, const char *path, GError **err)
 {
-  g_autofree char *path = record_path (dir, vmid);
-  g_autofree char *where = NULL;
-  g_autofree char *fix = NULL;
-  g_autofree char *buf = NULL;
-  struct stat sb;
-  size_t len = 0;
+  struct stat dsb;
   int fd, e;
 
-  /* O_NONBLOCK: opening a FIFO put in the record's place would wait for a
-   * writer forever; the type is checked below (for a regular file the
-   * flag changes nothing).  O_NOFOLLOW: a symlink is never a record. */
-  {
-    struct stat dsb;
-    if (!g_path_is_absolute (dir)) {
-      g_set_error (err, FLEECE_ERROR, EINVAL, "the state directory '%s' is "
-                   "not an absolute path (FLEECE_STATE_DIR?)", dir);
-      return NULL;
-    }
-    if (lstat (dir, &dsb) != 0 && errno == ENOENT)
-      return NULL;              /* no state dir, no record: create nothing */
+  if (!g_path_is_absolute (dir)) {
+    g_set_error (err, FLEECE_ERROR, EINVAL, "the state directory '%s' is "
+                 "not an absolute path (FLEECE_STATE_DIR?)", dir);
+    return -1;
   }
+  if (lstat (dir, &dsb) != 0 && errno == ENOENT)
+    return -1;
   if (!fleece_dir_check_private (dir, "state directory", err))
-    return NULL;
+    return -1;
+  /* O_NONBLOCK: opening a FIFO put in the record's place would wait for a
+   * writer forever; the type is checked by read_record (for a regular
+   * file the flag changes nothing).  O_NOFOLLOW: a symlink is never a
+   * record. */
   fd = open (path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK | O_NOFOLLOW);
-  if (fd < 0) {
-    e = errno;
-    if (e == ENOENT)
-      return NULL;
-    if (e == ELOOP) {
-      g_set_error (err, FLEECE_ERROR, EBADMSG,
-                   "record %s is a symbolic link, not a record of this "
-                   "library; remove it", path);
-      return NULL;
-    }
+  if (fd >= 0)
+    return fd;
+  e = errno;
+  if (e == ELOOP)
+    g_set_error (err, FLEECE_ERROR, EBADMSG,
+                 "record %s is a symbolic link, not a record of this "
+                 "library; remove it", path);
+  else if (e != ENOENT)
     g_set_error (err, FLEECE_ERROR, e, "cannot open record %s: %s", path,
                  g_strerror (e));
-    return NULL;
-  }
+  return -1;
+}
 
-  where = g_strdup_printf ("record %s", path);
-  fix = g_strdup_printf ("remove %s after checking nothing of VM %" PRIu32
-                         " is attached", path, vmid);
+/* The bytes of the open record fd (g_free; *len of them), which must be a
+ * regular file of ours of at most RECORD_MAX_SIZE bytes. */
+static char *
+read_record (int fd, const char *path, const char *where, const char *fix,
+             size_t *len, GError **err)
+{
+  g_autofree char *buf = NULL;
+  struct stat sb;
+  int e;
 
   if (fstat (fd, &sb) != 0) {
     e = errno;
-    close (fd);
     g_set_error (err, FLEECE_ERROR, e, "cannot stat record %s: %s", path,
                  g_strerror (e));
     return NULL;
   }
   if (!S_ISREG (sb.st_mode) || sb.st_uid != geteuid ()) {
-    close (fd);
     g_set_error (err, FLEECE_ERROR, EBADMSG,
                  "%s is not a regular file of uid %u; %s", where,
                  (unsigned) geteuid (), fix);
     return NULL;
   }
   if (sb.st_size > RECORD_MAX_SIZE) {
-    close (fd);
     g_set_error (err, FLEECE_ERROR, EFBIG,
                  "%s is larger than %d bytes, so it is not a record of this "
                  "library; %s", where, RECORD_MAX_SIZE, fix);
     return NULL;
   }
-
   /* Read one byte beyond the limit so a file growing meanwhile is still
    * caught by the size check. */
   buf = g_malloc (RECORD_MAX_SIZE + 1);
-  while (len < RECORD_MAX_SIZE + 1) {
-    ssize_t n = read (fd, buf + len, RECORD_MAX_SIZE + 1 - len);
+  *len = 0;
+  while (*len < RECORD_MAX_SIZE + 1) {
+    ssize_t n = read (fd, buf + *len, RECORD_MAX_SIZE + 1 - *len);
 
+    if (n < 0 && errno == EINTR)
+      continue;
     if (n < 0) {
-      if (errno == EINTR)
-        continue;
       e = errno;
-      close (fd);
       g_set_error (err, FLEECE_ERROR, e, "cannot read record %s: %s", path,
                    g_strerror (e));
       return NULL;
     }
     if (n == 0)
       break;
-    len += (size_t) n;
+    *len += (size_t) n;
   }
+  return g_steal_pointer (&buf);
+}
+
+static json_object *
+file_load (const char *dir, uint32_t vmid, GError **err)
+{
+  g_autofree char *path = record_path (dir, vmid);
+  g_autofree char *where = NULL, *fix = NULL, *buf = NULL;
+  size_t len = 0;
+  int fd = open_record (dir, path, err);
+
+  if (fd < 0)
+    return NULL;
+  where = g_strdup_printf ("record %s", path);
+  fix = g_strdup_printf ("remove %s after checking nothing of VM %" PRIu32
+                         " is attached", path, vmid);
+  buf = read_record (fd, path, where, fix, &len, err);
   close (fd);
-  return record_parse (buf, len, vmid, where, fix, err);
+  return buf ? record_parse (buf, len, vmid, where, fix, err) : NULL;
 }
 
 static bool
