@@ -7,7 +7,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -568,47 +567,3 @@ fl_child_kill (FlChild *c)
   c->pid = 0;
 }
 
-/* ------------------------------------------------------------------ */
-/* Mounts                                                              */
-/* ------------------------------------------------------------------ */
-
-/* A failed test ends with _exit() before its umount: a guard process (out
- * of the process group Check kills) detaches the mount once the test
- * process is gone, so that no tmpfs outlives a failure. */
-static void
-unmount_when_gone (const char *dir)
-{
-  int fds[2];
-  pid_t pid;
-
-  ck_assert_int_eq (pipe2 (fds, O_CLOEXEC), 0);
-  pid = fork ();
-  ck_assert_int_ge (pid, 0);
-  if (pid == 0) {
-    int null = open ("/dev/null", O_RDWR);
-    char c;
-
-    /* Hold nothing of the test's: not its output, sockets or pipes. */
-    setsid ();
-    if (null < 0 || dup2 (fds[0], 3) < 0 || dup2 (null, 0) < 0 || dup2 (null, 1) < 0 ||
-        dup2 (null, 2) < 0)
-      _exit (1);
-    close_range (4, ~0U, 0);
-    while (read (3, &c, 1) < 0 && errno == EINTR)
-      ;
-    umount2 (dir, MNT_DETACH);
-    _exit (0);
-  }
-  /* The write end stays open as long as this process lives. */
-  close (fds[0]);
-}
-
-void
-fl_mount_tmpfs (const char *dir, const char *size)
-{
-  g_autofree char *opts = g_strdup_printf ("size=%s,mode=0700", size);
-
-  ck_assert_msg (mount ("tmpfs", dir, "tmpfs", 0, opts) == 0,
-                 "mount tmpfs on %s: %s (the qemu suite runs as root)", dir, g_strerror (errno));
-  unmount_when_gone (dir);
-}

@@ -157,10 +157,4 @@ bool fl_child_wait (FlChild *c);
 /* kill -9 and reap. */
 void fl_child_kill (FlChild *c);
 
-/* ---- mounts ------------------------------------------------------------ */
-
-/* Mount a tmpfs of size (e.g. "1m") over dir, mode 0700; a guard process
- * detaches it if the test dies before its umount. */
-void fl_mount_tmpfs (const char *dir, const char *size);
-
 #endif

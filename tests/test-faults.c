@@ -558,7 +558,7 @@ START_TEST (test_storage_full)
 
   /* Room for the qcow2 metadata, not for 4 MiB of old data.  (The target
    * after the mount: its watcher process, a fork, holds nothing of ours.) */
-  fl_mount_tmpfs (vm->tl->storage, "1m");
+  tl_mount_tmpfs (vm->tl->storage, "1m");
   t = fleece_target_new_dir (vm->tl->target, "raw");
   h = fl_vm_handle (vm, vm->tl->q->qmp_path);
   ck_assert_int_eq (fleece_set_bwlimit (h, FL_BWLIMIT_SLOW), 0);
@@ -587,7 +587,7 @@ START_TEST (test_storage_full)
   ck_assert_int_eq (umount (vm->tl->storage), 0);
 
   /* Not even the image's metadata fits. */
-  fl_mount_tmpfs (vm->tl->storage, "64k");
+  tl_mount_tmpfs (vm->tl->storage, "64k");
   h = fl_vm_handle (vm, vm->tl->q->qmp_path);
   p = fleece_plan (h);
   ck_assert_int_eq (fleece_attach (h, p, 0), -1);

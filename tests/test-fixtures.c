@@ -101,27 +101,13 @@ vm_stop (Vm *vm)
   g_free (vm);
 }
 
-static bool
-is_small_state (const char *key)
-{
-  return g_str_has_prefix (key, "efidisk") || g_str_has_prefix (key, "tpmstate");
-}
-
-/* qemu-server's device name of drive key. */
-static char *
-device_of (const char *key)
-{
-  return g_str_has_prefix (key, "tpmstate") ? g_strdup_printf ("drive-%s-backup", key)
-                                            : g_strdup_printf ("drive-%s", key);
-}
-
 /* A data disk the guest writes: a device, writable, not EFI vars/TPM. */
 static const TlCfgDrive *
 data_drive (Vm *vm, size_t i)
 {
   const TlCfgDrive *c = tl_cfg2cmd_drive (vm->cfg, vm->tl->disks[i].key);
 
-  return c && c->io_dev && !c->read_only && !is_small_state (c->key) ? c : NULL;
+  return c && c->io_dev && !c->read_only && !tl_qs_is_small_state (c->key) ? c : NULL;
 }
 
 static bool
@@ -207,12 +193,12 @@ assert_plan (Vm *vm, struct fleece_plan *p)
   ck_assert_int_eq (fleece_plan_get_drive_count (p), (int) vm->tl->ndisks);
   for (int i = 0; i < (int) vm->tl->ndisks; i++) {
     const TlDisk *d = &vm->tl->disks[i];
-    g_autofree char *dev = device_of (d->key);
+    g_autofree char *dev = tl_qs_device_of (d->key);
 
     ck_assert_str_eq (fleece_plan_get_key (p, i), d->key);
     ck_assert_str_eq (fleece_plan_get_device (p, i), dev);
     ck_assert_int_eq (fleece_plan_get_size (p, i), (int64_t) d->size);
-    ck_assert_msg (fleece_plan_get_fleeced (p, i) == !is_small_state (d->key),
+    ck_assert_msg (fleece_plan_get_fleeced (p, i) == !tl_qs_is_small_state (d->key),
                    "%s: fleeced %d (%s)", d->key, fleece_plan_get_fleeced (p, i),
                    fleece_plan_get_reason (p, i));
   }
@@ -351,7 +337,7 @@ lifecycle_pve (Vm *vm)
   files = tl_list_dir (dir);
   ck_assert_uint_eq (g_strv_length (files), vm->tl->ndisks);
   for (size_t i = 0; i < vm->tl->ndisks; i++) {
-    g_autofree char *dev = device_of (vm->tl->disks[i].key);
+    g_autofree char *dev = tl_qs_device_of (vm->tl->disks[i].key);
     g_autofree char *name = g_strdup_printf ("disk-%s.raw", dev);
     g_autofree char *path = g_build_filename (dir, name, NULL);
     g_autofree char *what = g_strdup_printf ("%s in the VMA", vm->tl->disks[i].key);

@@ -146,20 +146,6 @@ vm_stop (Vm *vm)
   g_free (vm);
 }
 
-static bool
-is_small_state (const char *key)
-{
-  return g_str_has_prefix (key, "efidisk") || g_str_has_prefix (key, "tpmstate");
-}
-
-/* The device name qemu-server gives QEMU for drive key (the VMA's). */
-static char *
-device_of (const char *key)
-{
-  return g_str_has_prefix (key, "tpmstate") ? g_strdup_printf ("drive-%s-backup", key)
-                                            : g_strdup_printf ("drive-%s", key);
-}
-
 /* What HMP qemu-io -d takes for the guest device of disk i, or NULL if the
  * guest cannot write it (the TPM state: no device). */
 static const char *
@@ -189,7 +175,7 @@ overwrite_tail (Vm *vm, unsigned pattern, bool efi)
     const char *dev = guest_dev (vm, i);
     g_autofree char *cmd = NULL;
 
-    if (!dev || (is_small_state (d->key) && !efi))
+    if (!dev || (tl_qs_is_small_state (d->key) && !efi))
       continue;
     len = (d->size - off) & ~G_GUINT64_CONSTANT (511);
     cmd = g_strdup_printf ("write -P 0x%02x %" G_GUINT64_FORMAT " %" G_GUINT64_FORMAT,
@@ -210,7 +196,7 @@ assert_overwritten (Vm *vm, unsigned pattern, bool efi)
     uint64_t size = 0;
     g_autofree guint8 *now = NULL;
 
-    if (!guest_dev (vm, i) || (is_small_state (d->key) && !efi))
+    if (!guest_dev (vm, i) || (tl_qs_is_small_state (d->key) && !efi))
       continue;
     tl_guest_io (vm->tl->q, guest_dev (vm, i), "flush");
     now = tl_read_image (vm->tl->paths[i], d->format, &size);
@@ -223,7 +209,7 @@ static bool
 has_data_disk (Vm *vm)
 {
   for (size_t i = 0; i < vm->tl->ndisks; i++)
-    if (guest_dev (vm, i) && !is_small_state (vm->tl->disks[i].key))
+    if (guest_dev (vm, i) && !tl_qs_is_small_state (vm->tl->disks[i].key))
       return true;
   return false;
 }
@@ -346,7 +332,7 @@ assert_vma_holds (Vm *vm, const char *archive, bool config, guint8 **pit)
   ck_assert_msg (g_file_test (conf, G_FILE_TEST_EXISTS) == config, "config in the archive: %d",
                  !config);
   for (size_t i = 0; i < vm->tl->ndisks; i++) {
-    g_autofree char *dev = device_of (vm->tl->disks[i].key);
+    g_autofree char *dev = tl_qs_device_of (vm->tl->disks[i].key);
     g_autofree char *name = g_strdup_printf ("disk-%s.raw", dev);
     g_autofree char *path = g_build_filename (dir, name, NULL);
     g_autofree char *what = g_strdup_printf ("%s in the VMA", vm->tl->disks[i].key);
@@ -378,12 +364,12 @@ assert_plan (Vm *vm, struct fleece_plan *p)
   ck_assert_int_eq (fleece_plan_get_drive_count (p), (int) vm->tl->ndisks);
   for (int i = 0; i < (int) vm->tl->ndisks; i++) {
     const TlDisk *d = &vm->tl->disks[i];
-    g_autofree char *dev = device_of (d->key);
+    g_autofree char *dev = tl_qs_device_of (d->key);
 
     ck_assert_str_eq (fleece_plan_get_key (p, i), d->key);
     ck_assert_str_eq (fleece_plan_get_device (p, i), dev);
     ck_assert_int_eq (fleece_plan_get_size (p, i), (int64_t) d->size);
-    ck_assert_int_eq (fleece_plan_get_fleeced (p, i), !is_small_state (d->key));
+    ck_assert_int_eq (fleece_plan_get_fleeced (p, i), !tl_qs_is_small_state (d->key));
   }
   for (int i = 0; i < fleece_plan_get_skipped_count (p); i++) {
     const char *why = fleece_plan_get_skipped_reason (p, i);

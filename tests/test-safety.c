@@ -753,7 +753,7 @@ START_TEST (test_readonly_storage)
   struct fleece_handle *h;
   struct fleece_plan *p;
 
-  fl_mount_tmpfs (vm->tl->storage, "64m");
+  tl_mount_tmpfs (vm->tl->storage, "64m");
   remount (vm->tl->storage, true);
   h = fl_vm_handle (vm, vm->tl->q->qmp_path);
   p = tl_plan (h, vm->log);

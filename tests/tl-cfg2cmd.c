@@ -35,31 +35,13 @@ qemu_binary (void)
   return b && *b ? b : "qemu-system-x86_64";
 }
 
-/* Device models this QEMU has ("-device help"), cached per binary. */
-static GHashTable *
-qemu_devices (void)
-{
-  static GHashTable *cache;
-  static char *cached_for;
-  const char *argv[] = { qemu_binary (), "-device", "help", NULL };
-  g_autofree char *out = NULL;
-  g_autofree char *errout = NULL;
-  g_autoptr (GError) err = NULL;
-  int status;
+/* Parsers of "-<option> help" output into a set of names. */
+typedef void (*HelpParser) (const char *out, GHashTable *names);
 
-  if (cache && g_strcmp0 (cached_for, qemu_binary ()) == 0)
-    return cache;
-  if (cache)
-    g_hash_table_unref (cache);
-  g_free (cached_for);
-  cached_for = g_strdup (qemu_binary ());
-  cache = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
-  if (!g_spawn_sync (NULL, (char **) argv, NULL,
-                     G_SPAWN_SEARCH_PATH | G_SPAWN_STDIN_FROM_DEV_NULL, NULL,
-                     NULL, &out, &errout, &status, &err))
-    ck_abort_msg ("cannot run %s -device help: %s", qemu_binary (),
-                  err->message);
-  /* name "virtio-blk-pci", bus PCI, alias "virtio-blk" */
+/* name "virtio-blk-pci", bus PCI, alias "virtio-blk" */
+static void
+parse_devices (const char *out, GHashTable *names)
+{
   for (const char *p = out; (p = strstr (p, "name \"")); ) {
     const char *start = p + 6;
     const char *end = strchr (start, '"');
@@ -68,91 +50,83 @@ qemu_devices (void)
 
     if (!end)
       break;
-    g_hash_table_add (cache, g_strndup (start, (gsize) (end - start)));
+    g_hash_table_add (names, g_strndup (start, (gsize) (end - start)));
     alias = strstr (end, "alias \"");
     if (alias && (!eol || alias < eol)) {
       const char *a = alias + 7;
       const char *aend = strchr (a, '"');
 
       if (aend)
-        g_hash_table_add (cache, g_strndup (a, (gsize) (aend - a)));
+        g_hash_table_add (names, g_strndup (a, (gsize) (aend - a)));
     }
     p = end;
   }
-  return cache;
 }
 
-/* Machine types this QEMU has ("-machine help"), cached per binary. */
-static GHashTable *
-qemu_machines (void)
+/* "pc-i440fx-9.2        Standard PC ..." after a header line */
+static void
+parse_machines (const char *out, GHashTable *names)
 {
-  static GHashTable *cache;
-  static char *cached_for;
-  const char *argv[] = { qemu_binary (), "-machine", "help", NULL };
-  g_autofree char *out = NULL;
-  g_auto (GStrv) lines = NULL;
-  g_autoptr (GError) err = NULL;
-  int status;
+  g_auto (GStrv) lines = g_strsplit (out, "\n", -1);
 
-  if (cache && g_strcmp0 (cached_for, qemu_binary ()) == 0)
-    return cache;
-  if (cache)
-    g_hash_table_unref (cache);
-  g_free (cached_for);
-  cached_for = g_strdup (qemu_binary ());
-  cache = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
-  if (!g_spawn_sync (NULL, (char **) argv, NULL,
-                     G_SPAWN_SEARCH_PATH | G_SPAWN_STDIN_FROM_DEV_NULL
-                     | G_SPAWN_STDERR_TO_DEV_NULL, NULL, NULL, &out, NULL,
-                     &status, &err))
-    ck_abort_msg ("cannot run %s -machine help: %s", qemu_binary (),
-                  err->message);
-  /* "pc-i440fx-9.2        Standard PC ..." after a header line */
-  lines = g_strsplit (out, "\n", -1);
   for (size_t i = 1; lines[i]; i++) {
     const char *sp = strchr (lines[i], ' ');
 
     if (sp && sp > lines[i])
-      g_hash_table_add (cache, g_strndup (lines[i], (gsize) (sp - lines[i])));
+      g_hash_table_add (names, g_strndup (lines[i], (gsize) (sp - lines[i])));
   }
-  return cache;
 }
 
-/* Chardev backends this QEMU has ("-chardev help"), cached per binary. */
-static GHashTable *
-qemu_chardevs (void)
+/* "Available chardev backend types:" then one per line, indented */
+static void
+parse_chardevs (const char *out, GHashTable *names)
 {
-  static GHashTable *cache;
-  static char *cached_for;
-  const char *argv[] = { qemu_binary (), "-chardev", "help", NULL };
-  g_autofree char *out = NULL;
-  g_auto (GStrv) lines = NULL;
-  g_autoptr (GError) err = NULL;
-  int status;
+  g_auto (GStrv) lines = g_strsplit (out, "\n", -1);
 
-  if (cache && g_strcmp0 (cached_for, qemu_binary ()) == 0)
-    return cache;
-  if (cache)
-    g_hash_table_unref (cache);
-  g_free (cached_for);
-  cached_for = g_strdup (qemu_binary ());
-  cache = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
-  if (!g_spawn_sync (NULL, (char **) argv, NULL,
-                     G_SPAWN_SEARCH_PATH | G_SPAWN_STDIN_FROM_DEV_NULL
-                     | G_SPAWN_STDERR_TO_DEV_NULL, NULL, NULL, &out, NULL,
-                     &status, &err))
-    ck_abort_msg ("cannot run %s -chardev help: %s", qemu_binary (),
-                  err->message);
-  /* "Available chardev backend types:" then one per line, indented */
-  lines = g_strsplit (out, "\n", -1);
   for (size_t i = 1; lines[i]; i++) {
     g_autofree char *name = g_strstrip (g_strdup (lines[i]));
 
     if (*name)
-      g_hash_table_add (cache, g_steal_pointer (&name));
+      g_hash_table_add (names, g_steal_pointer (&name));
   }
-  return cache;
 }
+
+typedef struct {
+  const char *option;     /* -device, -machine, -chardev */
+  HelpParser parse;
+  GHashTable *names;      /* for the binary cached_for */
+  char *cached_for;
+} HelpCache;
+
+/* What "qemu -<option> help" lists, cached per binary. */
+static GHashTable *
+qemu_help (HelpCache *c)
+{
+  const char *argv[] = { qemu_binary (), c->option, "help", NULL };
+  g_autofree char *out = NULL;
+  g_autoptr (GError) err = NULL;
+  int status;
+
+  if (c->names && g_strcmp0 (c->cached_for, qemu_binary ()) == 0)
+    return c->names;
+  if (c->names)
+    g_hash_table_unref (c->names);
+  g_free (c->cached_for);
+  c->cached_for = g_strdup (qemu_binary ());
+  c->names = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
+  if (!g_spawn_sync (NULL, (char **) argv, NULL,
+                     G_SPAWN_SEARCH_PATH | G_SPAWN_STDIN_FROM_DEV_NULL
+                     | G_SPAWN_STDERR_TO_DEV_NULL, NULL, NULL, &out, NULL,
+                     &status, &err))
+    ck_abort_msg ("cannot run %s %s help: %s", qemu_binary (), c->option,
+                  err->message);
+  c->parse (out, c->names);
+  return c->names;
+}
+
+static HelpCache help_devices = { "-device", parse_devices, NULL, NULL };
+static HelpCache help_machines = { "-machine", parse_machines, NULL, NULL };
+static HelpCache help_chardevs = { "-chardev", parse_chardevs, NULL, NULL };
 
 /* Whether this QEMU opens a file node with these options: it says so by
  * starting (QMP on stdin, then quit) or not. */
@@ -861,7 +835,7 @@ handle_device (Build *b, const char *val, GError **err)
             chardev);
     return true;
   }
-  if (!g_hash_table_contains (qemu_devices (), driver)) {
+  if (!g_hash_table_contains (qemu_help (&help_devices), driver)) {
     if (drive) {
       g_set_error (err, TL_CFG2CMD_ERROR, TL_CFG2CMD_ERROR_UNSUPPORTED,
                    "this QEMU has no device %s (for drive %s)", driver, drive);
@@ -951,7 +925,7 @@ handle_chardev (Build *b, const char *val, GError **err)
     g_hash_table_add (b->dropped_chardevs, g_strdup (id));
     return true;
   }
-  if (!backend || !g_hash_table_contains (qemu_chardevs (), backend)) {
+  if (!backend || !g_hash_table_contains (qemu_help (&help_chardevs), backend)) {
     change (b, "dropped -chardev %s (no backend %s in this QEMU)", id,
             backend ? backend : "?");
     g_hash_table_add (b->dropped_chardevs, g_strdup (id));
@@ -987,7 +961,7 @@ handle_machine (Build *b, const char *val, GError **err)
       change (b, "-machine type %s -> %s", type, t);
       kv_set (kv, "type", t);
     }
-    if (!g_hash_table_contains (qemu_machines (), t)) {
+    if (!g_hash_table_contains (qemu_help (&help_machines), t)) {
       g_set_error (err, TL_CFG2CMD_ERROR, TL_CFG2CMD_ERROR_UNSUPPORTED,
                    "this QEMU has no machine type %s", t);
       return false;
@@ -1774,4 +1748,17 @@ tl_cfg2cmd_describe (const TlCfgVm *vm)
   for (size_t i = 0; vm->changes && vm->changes[i]; i++)
     g_string_append_printf (s, "  change: %s\n", vm->changes[i]);
   return g_string_free (s, FALSE);
+}
+
+bool
+tl_qs_is_small_state (const char *key)
+{
+  return g_str_has_prefix (key, "efidisk") || g_str_has_prefix (key, "tpmstate");
+}
+
+char *
+tl_qs_device_of (const char *key)
+{
+  return g_str_has_prefix (key, "tpmstate") ? g_strdup_printf ("drive-%s-backup", key)
+                                            : g_strdup_printf ("drive-%s", key);
 }

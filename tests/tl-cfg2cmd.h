@@ -179,6 +179,12 @@ void tl_cfg2cmd_detach_tpm_backup (TlCfgVm *vm);
 /* A multi-line description: drives, nodes, devices, changes (g_free). */
 char *tl_cfg2cmd_describe (const TlCfgVm *vm);
 
+/* qemu-server's naming: the small state drives (EFI vars, TPM state) that
+ * are backed up but never fleeced, and the device name (a VMA's) of
+ * drive key (g_free): drive-<key>, the TPM state's drive-<key>-backup. */
+bool tl_qs_is_small_state (const char *key);
+char *tl_qs_device_of (const char *key);
+
 /* In a Check test: start the fixture into `var` (TlCfgVm *), or print why
  * it cannot run here and return from the test (a skip). */
 #define TL_CFG2CMD_START_OR_SKIP(var, fixture, opts)                      \
