@@ -345,6 +345,24 @@ qmp_do (Qmp *q, const char *cmd, json_object *args)
 }
 
 char *
+qmp_qemu_version (Qmp *q)
+{
+  json_object *r = qmp_do (q, "query-version", NULL), *qemu, *v;
+  int64_t x[3] = { 0 };
+  const char *k[3] = { "major", "minor", "micro" };
+  char *s;
+
+  if (json_object_object_get_ex (r, "qemu", &qemu))
+    for (int i = 0; i < 3; i++)
+      if (json_object_object_get_ex (qemu, k[i], &v))
+        x[i] = json_object_get_int64 (v);
+  s = g_strdup_printf ("%" G_GINT64_FORMAT ".%" G_GINT64_FORMAT ".%" G_GINT64_FORMAT,
+                       x[0], x[1], x[2]);
+  json_object_put (r);
+  return s;
+}
+
+char *
 hmp (Qmp *q, const char *line)
 {
   json_object *a = json_object_new_object ();

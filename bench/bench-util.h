@@ -51,6 +51,8 @@ json_object *qmp_do (Qmp *q, const char *cmd, json_object *args);
 /* HMP command; returns its output (g_free). */
 char *hmp (Qmp *q, const char *line);
 json_object *json_parse (const char *fmt, ...) G_GNUC_PRINTF (1, 2);
+/* "major.minor.micro" of the QEMU behind q (g_free). */
+char *qmp_qemu_version (Qmp *q);
 
 /* ---- the proxy ---- */
 /* What the proxy changes in the library's commands: the library's defaults

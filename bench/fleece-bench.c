@@ -270,24 +270,6 @@ vm_free (Vm *vm)
   g_free (vm);
 }
 
-static char *
-qemu_version (Vm *vm)
-{
-  json_object *r = qmp_do (vm->own, "query-version", NULL), *q, *v;
-  int64_t x[3] = { 0 };
-  const char *k[3] = { "major", "minor", "micro" };
-  char *s;
-
-  if (json_object_object_get_ex (r, "qemu", &q))
-    for (int i = 0; i < 3; i++)
-      if (json_object_object_get_ex (q, k[i], &v))
-        x[i] = json_object_get_int64 (v);
-  s = g_strdup_printf ("%" G_GINT64_FORMAT ".%" G_GINT64_FORMAT ".%" G_GINT64_FORMAT,
-                       x[0], x[1], x[2]);
-  json_object_put (r);
-  return s;
-}
-
 /* One 64 KiB write through the guest device; milliseconds. */
 static double
 guest_write (Qmp *q, const Disk *k, uint64_t off, unsigned pattern)
@@ -343,7 +325,7 @@ typedef struct {
 
 static int
 cb_alloc (void *opaque, const char *name, const char *format, uint64_t size,
-          char **volid)
+          char **volid, char **reason)
 {
   CbStore *s = opaque;
   g_autofree char *path = g_build_filename (s->dir, name, NULL);
@@ -362,7 +344,7 @@ cb_alloc (void *opaque, const char *name, const char *format, uint64_t size,
 }
 
 static int
-cb_free (void *opaque, const char *volid)
+cb_free (void *opaque, const char *volid, char **reason)
 {
   CbStore *s = opaque;
   g_autofree char *path = g_build_filename (s->dir, volid, NULL);
@@ -371,7 +353,7 @@ cb_free (void *opaque, const char *volid)
 }
 
 static char *
-cb_path (void *opaque, const char *volid)
+cb_path (void *opaque, const char *volid, char **reason)
 {
   CbStore *s = opaque;
   g_autofree char *path = g_build_filename (s->dir, volid, NULL);
@@ -458,9 +440,13 @@ run_open (Vm *vm, const Variant *v)
     CbStore *s = g_new0 (CbStore, 1);
     s->dir = g_strdup (r->storage);
     s->opts = v->create_opts;
-    st = fleece_storage_new_callback (FLEECE_STORAGE_QCOW2 | FLEECE_STORAGE_DISCARD |
-                                      FLEECE_STORAGE_PATH, cb_alloc, cb_free, cb_path,
+    st = fleece_storage_new_callback ("bench:qemu-img", FLEECE_STORAGE_QCOW2 |
+                                      FLEECE_STORAGE_DISCARD | FLEECE_STORAGE_PATH,
                                       s, cb_free_opaque);
+    if (st && (fleece_storage_set_alloc_callback (st, cb_alloc) < 0
+               || fleece_storage_set_remove_callback (st, cb_free) < 0
+               || fleece_storage_set_path_callback (st, cb_path) < 0))
+      lib_die ("the callback storage");
   } else {
     st = fleece_storage_new_dir (r->storage);
   }
@@ -470,8 +456,8 @@ run_open (Vm *vm, const Variant *v)
       fleece_set_storage (r->h, st) < 0 ||
       fleece_set_drives (r->h, keys) < 0 ||
       (v && v->format && fleece_set_image_format (r->h, v->format) < 0) ||
-      fleece_set_log_callback (r->h, on_log, r) < 0 ||
-      fleece_set_progress_callback (r->h, on_progress, r) < 0)
+      fleece_set_log_callback (r->h, on_log, r, NULL) < 0 ||
+      fleece_set_progress_callback (r->h, on_progress, r, NULL) < 0)
     lib_die ("setting up the handle");
   r->proxy = proxy_start (vm->lib_sock, v, &fd);
   if (fleece_connect_fd (r->h, fd) < 0)
@@ -490,11 +476,11 @@ run_plan (Run *r, unsigned flags)
 static void
 run_attach_start (Run *r, struct fleece_target *t)
 {
-  if (fleece_attach (r->h, r->plan) < 0)
+  if (fleece_attach (r->h, r->plan, 0) < 0)
     lib_die ("fleece_attach");
-  if (fleece_start (r->h, r->plan, t) < 0)
+  if (fleece_start (r->h, r->plan, t, 0) < 0)
     lib_die ("fleece_start");
-  for (size_t j = 0; j < fleece_plan_get_drive_count (r->plan); j++) {
+  for (int j = 0; j < fleece_plan_get_drive_count (r->plan); j++) {
     size_t i = disk_index (r->vm, fleece_plan_get_key (r->plan, j));
     if (i != (size_t) -1 && fleece_plan_get_fleeced (r->plan, j) == 1)
       r->image[i] = g_build_filename (r->storage, fleece_plan_get_image (r->plan, j), NULL);
@@ -504,7 +490,7 @@ run_attach_start (Run *r, struct fleece_target *t)
 static void
 run_cleanup (Run *r)
 {
-  if (fleece_cleanup (r->h) < 0)
+  if (fleece_cleanup (r->h, 0) < 0)
     lib_die ("fleece_cleanup");
   fleece_plan_free (r->plan);
   r->plan = NULL;
@@ -862,7 +848,7 @@ cmd_latency (const Opts *o)
   w.ndata = 2;
   vm_start_target (vm, LAT_TARGET_BPS);
   vm_start (vm);
-  ver = qemu_version (vm);
+  ver = qmp_qemu_version (vm->own);
 
   for (size_t i = 0; names[i]; i++) {
     Mode *m = mode_new (names[i], variant_by_name (names[i]));
@@ -1339,10 +1325,10 @@ cmd_control (const Opts *o)
       a = now_us ();
       run_plan (r, 0);
       b = now_us ();
-      if (fleece_attach (r->h, r->plan) < 0)
+      if (fleece_attach (r->h, r->plan, 0) < 0)
         lib_die ("fleece_attach");
       cc = now_us ();
-      if (fleece_start (r->h, r->plan, t) < 0)
+      if (fleece_start (r->h, r->plan, t, 0) < 0)
         lib_die ("fleece_start");
       d = now_us ();
       rt0 = proxy_count (r->proxy, NULL);
@@ -1355,7 +1341,7 @@ cmd_control (const Opts *o)
         lib_die ("the backup");
       proxy_reset (r->proxy);
       e = now_us ();
-      if (fleece_cleanup (r->h) < 0)
+      if (fleece_cleanup (r->h, 0) < 0)
         lib_die ("fleece_cleanup");
       f = now_us ();
       rt1 = proxy_count (r->proxy, NULL);

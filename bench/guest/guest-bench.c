@@ -707,24 +707,6 @@ vm_free (Vm *vm)
   g_free (vm);
 }
 
-static char *
-qemu_version (Vm *vm)
-{
-  json_object *r = qmp_do (vm->own, "query-version", NULL), *q, *v;
-  int64_t x[3] = { 0 };
-  const char *k[3] = { "major", "minor", "micro" };
-  char *s;
-
-  if (json_object_object_get_ex (r, "qemu", &q))
-    for (int i = 0; i < 3; i++)
-      if (json_object_object_get_ex (q, k[i], &v))
-        x[i] = json_object_get_int64 (v);
-  s = g_strdup_printf ("%" G_GINT64_FORMAT ".%" G_GINT64_FORMAT ".%" G_GINT64_FORMAT,
-                       x[0], x[1], x[2]);
-  json_object_put (r);
-  return s;
-}
-
 /* ---- QMP helpers ------------------------------------------------------------ */
 
 static void
@@ -1839,7 +1821,7 @@ sec_latency (void)
            "cluster not written before in that run, %llu–%llu MiB ahead of its job's "
            "progress; latency is the guest's `pwrite()` (CLOCK_MONOTONIC). %d runs of %.0f s "
            "per mode, interleaved; load average %.2f at the start, %.2f at the end.\n\n",
-           vm->kernel ? vm->kernel : "?", qemu_version (vm), vm->accel, vm->aio,
+           vm->kernel ? vm->kernel : "?", qmp_qemu_version (vm->own), vm->accel, vm->aio,
            (unsigned long long) (LAT_DISK / MiB), (unsigned long long) (LAT_TARGET_BPS / MiB),
            LAT_INTERVAL_US / 1000, (unsigned long long) (LAT_LEAD_MIN / MiB),
            (unsigned long long) (LAT_LEAD_MAX / MiB), opt.reps, opt.secs, load0, loadavg1 ());
@@ -1922,7 +1904,7 @@ sec_latency (void)
   {
     FILE *f = open_out ("guest-meta");
     fprintf (f, "accel=%s\nkernel=%s\nqemu=%s\naio=%s\n", vm->accel, vm->kernel ? vm->kernel : "?",
-             qemu_version (vm), vm->aio);
+             qmp_qemu_version (vm->own), vm->aio);
     fclose (f);
   }
   vm_free (vm);
@@ -2050,7 +2032,7 @@ sec_throughput (void)
            "Modes interleaved; load average %.2f at the start, %.2f at the end. *job* is the "
            "scsi0 job's progress during the measurement; *QEMU CPU* the QEMU process's CPU "
            "time in that window.\n\n",
-           vm->kernel ? vm->kernel : "?", qemu_version (vm), vm->accel,
+           vm->kernel ? vm->kernel : "?", qmp_qemu_version (vm->own), vm->accel,
            (unsigned long long) (TP_DISK / MiB), opt.tp_secs, bwlimit / (double) MiB, load0,
            loadavg1 ());
   fprintf (md, "| workload | mode | MiB/s | IOPS | vs none | p50 | p99 | job MiB/s | QEMU CPU s |\n"
@@ -2258,7 +2240,7 @@ sec_slow (void)
              "accelerator **%s**. The guest writes %d × 64 KiB (O_DIRECT, QD1) to fresh "
              "clusters ahead of the jobs, on both disks.\n\n",
              SLOW_DELAY_MS / 1000, SLOW_CBW_TIMEOUT, (unsigned long long) (LAT_TARGET_BPS / MiB),
-             qemu_version (vm), vm->accel, SLOW_WRITES);
+             qmp_qemu_version (vm->own), vm->accel, SLOW_WRITES);
     fprintf (md, "| what | result |\n|---|---|\n");
     fprintf (md, "| guest writes that stalled (> 1 s) | %u of %u (one per drive expected: "
              "the first copy times out, the snapshot breaks, later writes are not copied) |\n",
