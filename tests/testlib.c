@@ -984,6 +984,19 @@ tl_allocated_bytes (const char *path)
   return (uint64_t) st.st_blocks * 512;
 }
 
+uint64_t
+tl_dir_allocated_bytes (const char *dir)
+{
+  g_auto (GStrv) files = tl_list_dir (dir);
+  uint64_t held = 0;
+
+  for (char **f = files; *f; f++) {
+    g_autofree char *path = g_build_filename (dir, *f, NULL);
+    held += tl_allocated_bytes (path);
+  }
+  return held;
+}
+
 /* ---- the block graph ------------------------------------------------ */
 
 char **

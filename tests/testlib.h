@@ -204,6 +204,8 @@ guint8 *tl_read_image (const char *path, const char *format, uint64_t *size);
 char **tl_list_dir (const char *dir);
 /* Allocated bytes of a file (st_blocks * 512). */
 uint64_t tl_allocated_bytes (const char *path);
+/* The same summed over the files of a directory (not recursive). */
+uint64_t tl_dir_allocated_bytes (const char *dir);
 
 /* Mount a tmpfs of size (e.g. "1m") over dir, mode 0700 (root only); a
  * guard process detaches it if the test dies before its umount (which
