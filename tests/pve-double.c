@@ -1547,20 +1547,28 @@ connect_upstream (const char *path, GError **err)
   }
 }
 
+/* The socket appears at path only once it listens (bound under a
+ * temporary name, then renamed): a client that waits for the file to
+ * exist, as the tests do, is never refused by a socket bound but not yet
+ * listening. */
 static int
 listen_on (const char *path)
 {
   struct sockaddr_un sun = { .sun_family = AF_UNIX };
+  g_autofree char *tmp = g_strdup_printf ("%s.new", path);
   int fd;
 
-  if (strlen (path) >= sizeof sun.sun_path)
+  if (strlen (tmp) >= sizeof sun.sun_path)
     return -1;
-  strcpy (sun.sun_path, path);
+  strcpy (sun.sun_path, tmp);
+  unlink (tmp);
   unlink (path);
   fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0 || bind (fd, (struct sockaddr *) &sun, sizeof sun) < 0 || listen (fd, 4) < 0) {
+  if (fd < 0 || bind (fd, (struct sockaddr *) &sun, sizeof sun) < 0 || listen (fd, 4) < 0
+      || rename (tmp, path) < 0) {
     if (fd >= 0)
       close (fd);
+    unlink (tmp);
     return -1;
   }
   return fd;
