@@ -765,6 +765,29 @@ cmp_double (gconstpointer a, gconstpointer b)
   return x < y ? -1 : x > y;
 }
 
+GArray *
+dbl_array (void)
+{
+  return g_array_new (FALSE, FALSE, sizeof (double));
+}
+
+void
+push (GArray *a, double x)
+{
+  g_array_append_val (a, x);
+}
+
+FILE *
+open_out (const char *dir, const char *name)
+{
+  g_autofree char *path = g_build_filename (dir, name, NULL);
+  FILE *f = fopen (path, "w");
+
+  if (!f)
+    die ("cannot write %s: %s", path, g_strerror (errno));
+  return f;
+}
+
 double
 quantile (GArray *a, double q)
 {

@@ -93,6 +93,11 @@ char *proxy_breakdown (Proxy *p);
 void proxy_reset (Proxy *p);
 
 /* ---- statistics ---- */
+/* A GArray of doubles, and appending one. */
+GArray *dbl_array (void);
+void push (GArray *a, double x);
+/* dir/name opened for writing; dies if it cannot be. */
+FILE *open_out (const char *dir, const char *name);
 /* Nearest-rank quantile of an array of doubles (sorted in place). */
 double quantile (GArray *a, double q);
 int cmp_double (gconstpointer a, gconstpointer b);

@@ -523,28 +523,6 @@ typedef struct {
   int quick;
 } Opts;
 
-static FILE *
-open_out (const Opts *o, const char *name)
-{
-  g_autofree char *path = g_build_filename (o->out, name, NULL);
-  FILE *f = fopen (path, "w");
-  if (!f)
-    die ("cannot write %s: %s", path, g_strerror (errno));
-  return f;
-}
-
-static GArray *
-dbl_array (void)
-{
-  return g_array_new (FALSE, FALSE, sizeof (double));
-}
-
-static void
-push (GArray *a, double x)
-{
-  g_array_append_val (a, x);
-}
-
 static char *
 fmt_ms (double ms)
 {
@@ -809,7 +787,7 @@ static void
 write_cdf (const Opts *o, Mode *m)
 {
   g_autofree char *name = g_strdup_printf ("lat-%s.dat", m->name);
-  FILE *f = open_out (o, name);
+  FILE *f = open_out (o->out, name);
 
   g_array_sort (m->lat, cmp_double);
   for (guint i = 0; i < m->lat->len; i++)
@@ -881,7 +859,7 @@ cmd_latency (const Opts *o)
   for (guint k = 0; k < modes->len; k++) {
     Mode *m = modes->pdata[k];
     g_autofree char *name = g_strdup_printf ("trace-%s.dat", m->name);
-    FILE *tf = open_out (o, name);
+    FILE *tf = open_out (o->out, name);
     fputs ("# run seconds-since-start drive latency-ms\n", tf);
     fputs (m->trace->str, tf);
     fclose (tf);
@@ -889,7 +867,7 @@ cmd_latency (const Opts *o)
   }
 
   /* The variants' p50/p99 for the bar plot. */
-  f = open_out (o, "variants.dat");
+  f = open_out (o->out, "variants.dat");
   fprintf (f, "# name p50_ms p99_ms floor_p50 floor_p99\n");
   for (guint k = 0; k < modes->len; k++) {
     Mode *m = modes->pdata[k];
@@ -899,7 +877,7 @@ cmd_latency (const Opts *o)
   }
   fclose (f);
 
-  md = open_out (o, "latency.md");
+  md = open_out (o->out, "latency.md");
   {
     double fp50 = quantile (floor_m->lat, 0.5), fp99 = quantile (floor_m->lat, 0.99);
     double pp99 = quantile (plain_m->lat, 0.99);
@@ -995,7 +973,7 @@ cmd_latency (const Opts *o)
 
   /* Fleecing space. */
   {
-    FILE *s = open_out (o, "space.md");
+    FILE *s = open_out (o->out, "space.md");
     fprintf (s, "Same runs as the latency table. Per run and drive: the peak of the "
              "fleecing image's allocated bytes (`st_blocks`, sampled every 100 ms and "
              "after every write), the bytes the guest overwrote ahead of the backup "
@@ -1238,7 +1216,7 @@ cmd_throughput (const Opts *o)
   }
   load1 = loadavg1 ();
 
-  md = open_out (o, "throughput.md");
+  md = open_out (o->out, "throughput.md");
   fprintf (md, "One 1 GiB raw drive (scsi-hd, random data, in the page cache after "
            "warm-up runs) backed up through the library to a fast local target: a "
            "directory target (raw file on the same file system, the library's "
@@ -1374,7 +1352,7 @@ cmd_control (const Opts *o)
   }
   load1 = loadavg1 ();
 
-  md = open_out (o, "control.md");
+  md = open_out (o->out, "control.md");
   fprintf (md, "A VM with N scsi-hd drives (1 MiB raw each, 16 per virtio-scsi "
            "controller), all fleeced (images in a directory storage, in the "
            "library's default format), backed up to a directory target. Setup = "

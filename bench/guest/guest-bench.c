@@ -1201,28 +1201,6 @@ backup_free (Backup *b)
 
 /* ---- output helpers ----------------------------------------------------- */
 
-static FILE *
-open_out (const char *name)
-{
-  g_autofree char *path = g_build_filename (opt.out, name, NULL);
-  FILE *f = fopen (path, "w");
-  if (!f)
-    die ("cannot write %s: %s", path, g_strerror (errno));
-  return f;
-}
-
-static GArray *
-dbl_array (void)
-{
-  return g_array_new (FALSE, FALSE, sizeof (double));
-}
-
-static void
-push (GArray *a, double x)
-{
-  g_array_append_val (a, x);
-}
-
 static char *
 fmt_ms (double ms)
 {
@@ -1236,7 +1214,7 @@ fmt_ms (double ms)
 static void
 write_cdf (const char *name, GArray *a)
 {
-  FILE *f = open_out (name);
+  FILE *f = open_out (opt.out, name);
   g_autoptr (GArray) c = g_array_sized_new (FALSE, FALSE, sizeof (double), a->len);
 
   g_array_append_vals (c, a->data, a->len);
@@ -1693,7 +1671,7 @@ static void
 lat_breakdown (Picker *p, GPtrArray *lms, FILE *md)
 {
   Vm *vm = p->vm;
-  FILE *raw = open_out ("guest-breakdown.tsv");
+  FILE *raw = open_out (opt.out, "guest-breakdown.tsv");
   gboolean header = FALSE;
 
   fprintf (raw, "mode\trep\tsize\tdisk\tkind\tms\tlead_mib\n");
@@ -1797,7 +1775,7 @@ sec_latency (void)
   for (int i = 0; i < 20; i++)
     guest_op (vm, "w", &vm->d[i % vm->n], (uint64_t) i * CBW_CLUSTER, 64 * KiB, 1);
 
-  raw = open_out ("guest-latency.tsv");
+  raw = open_out (opt.out, "guest-latency.tsv");
   fprintf (raw, "mode\trep\tsize\tdisk\tkind\tms\tlead_mib\n");
   for (int rep = 0; rep < opt.reps; rep++)
     for (guint j = 0; j < lms->len; j++)
@@ -1812,7 +1790,7 @@ sec_latency (void)
       write_cdf (name, lm->lat[s]);
     }
   }
-  md = open_out ("guest-latency.md");
+  md = open_out (opt.out, "guest-latency.md");
   fprintf (md, "Guest: %s, QEMU %s, accelerator **%s**, sources aio=%s; two disks "
            "(virtio-scsi-single `scsi0`, virtio-blk `virtio0`) of %llu MiB holding data, "
            "backed up over NBD to qemu-storage-daemon throttled to %llu MiB/s (both "
@@ -1895,14 +1873,14 @@ sec_latency (void)
   lat_breakdown (&p, lms, md);
   fclose (md);
   {
-    FILE *f = open_out ("guest-latency-modes");
+    FILE *f = open_out (opt.out, "guest-latency-modes");
     for (guint j = 0; j < lms->len; j++)
       fprintf (f, "%s ", ((LatMode *) lms->pdata[j])->m->name);
     fprintf (f, "\n");
     fclose (f);
   }
   {
-    FILE *f = open_out ("guest-meta");
+    FILE *f = open_out (opt.out, "guest-meta");
     fprintf (f, "accel=%s\nkernel=%s\nqemu=%s\naio=%s\n", vm->accel, vm->kernel ? vm->kernel : "?",
              qmp_qemu_version (vm->own), vm->aio);
     fclose (f);
@@ -2023,7 +2001,7 @@ sec_throughput (void)
       res[w * nm + mi] = tp_run (vm, mode_by_name (opt.tp_modes[mi]), workloads[w], bwlimit,
                                  opt.tp_secs);
     }
-  md = open_out ("guest-throughput.md");
+  md = open_out (opt.out, "guest-throughput.md");
   fprintf (md, "Guest: %s, QEMU %s, accelerator **%s**. The probe writes to `scsi0` "
            "(virtio-scsi-single, qcow2 of %llu MiB holding data) with O_DIRECT for %.0f s per "
            "workload (QD32: Linux AIO, one thread), while both drives are backed up over NBD "
@@ -2162,7 +2140,7 @@ sec_slow (void)
   note ("guest slow fleecing storage: writes wait %d s, cbw-timeout %d s\n",
         SLOW_DELAY_MS / 1000, SLOW_CBW_TIMEOUT);
   if (!opt.slowfs || access ("/dev/fuse", R_OK | W_OK) != 0) {
-    md = open_out ("guest-slow.md");
+    md = open_out (opt.out, "guest-slow.md");
     fprintf (md, "Not run: %s.\n\n", opt.slowfs ? "no /dev/fuse" : "no slowfs (libfuse3-dev)");
     fclose (md);
     vm_free (vm);
@@ -2227,7 +2205,7 @@ sec_slow (void)
       die ("verify: %s", ctl_last (l));
     bad += kv_u64 (ctl_last (l), "bad");
   }
-  md = open_out ("guest-slow.md");
+  md = open_out (opt.out, "guest-slow.md");
   {
     g_autoptr (GArray) in_order = g_array_copy (lat);   /* quantile() sorts */
     unsigned stalls = 0;
@@ -2518,7 +2496,7 @@ scale_data (FILE *md)
 static void
 sec_scale (void)
 {
-  FILE *md = open_out ("guest-scale.md");
+  FILE *md = open_out (opt.out, "guest-scale.md");
   note ("guest scale: %d drives of 1 GiB and 1 TiB; data vs size\n", SCALE_DRIVES);
   fprintf (md, "The control-plane runs boot the guest (idle: the library pauses a running "
            "VM); the data runs have no guest OS (`-S`).\n\n");

@@ -378,12 +378,6 @@ typedef struct {
 
 static Result results[G_N_ELEMENTS (variants)];
 
-static void
-push (GArray *a, double v)
-{
-  g_array_append_val (a, v);
-}
-
 static double
 median (GArray *a)
 {
