@@ -284,23 +284,6 @@ lifecycle_stock (Vm *vm)
   fleece_target_free (t);
 }
 
-/* What a tool printed (stdout and stderr) and its wait status. */
-static int
-run_tool (const char *const *argv, char **output)
-{
-  g_autoptr (GError) err = NULL;
-  g_autofree char *out = NULL;
-  g_autofree char *errout = NULL;
-  int status;
-
-  ck_assert_msg (g_spawn_sync (NULL, (char **) argv, NULL,
-                               G_SPAWN_SEARCH_PATH | G_SPAWN_STDIN_FROM_DEV_NULL, NULL, NULL,
-                               &out, &errout, &status, &err),
-                 "%s: %s", argv[0], err ? err->message : "");
-  *output = g_strconcat (out, errout, NULL);
-  return status;
-}
-
 /* The Proxmox engine into a VMA archive: it extracts (every cluster of
  * every stream there) to disk-drive-<key>.raw per drive (the TPM state
  * as drive-tpmstate0-backup), each the point-in-time content. */
@@ -320,7 +303,7 @@ lifecycle_pve (Vm *vm)
 
   ck_assert_msg (t, "%s", fleece_get_error ());
   run (vm, t, PVE_KIB_PER_S);
-  status = run_tool (extract, &out);
+  status = tl_run_tool (extract, &out);
   ck_assert_msg (WIFEXITED (status) && WEXITSTATUS (status) == 0, "vma extract: %s", out);
   files = tl_list_dir (dir);
   ck_assert_uint_eq (g_strv_length (files), vm->tl->ndisks);

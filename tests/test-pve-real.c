@@ -274,29 +274,11 @@ vma_file_target (Vm *vm, const char *archive)
   return t;
 }
 
-/* Run a tool; its wait status, and what it printed (stdout and stderr). */
-static int
-run_tool (const char *const *argv, char **output)
-{
-  g_autoptr (GError) err = NULL;
-  g_autofree char *out = NULL;
-  g_autofree char *errout = NULL;
-  int status;
-
-  ck_assert_msg (g_spawn_sync (NULL, (char **) argv, NULL,
-                               G_SPAWN_SEARCH_PATH | G_SPAWN_STDIN_FROM_DEV_NULL, NULL, NULL,
-                               &out, &errout, &status, &err),
-                 "%s: %s", argv[0], err ? err->message : "");
-  if (output)
-    *output = g_strconcat (out, errout, NULL);
-  return status;
-}
-
 static void
 run_tool_ok (const char *const *argv)
 {
   g_autofree char *out = NULL;
-  int status = run_tool (argv, &out);
+  int status = tl_run_tool (argv, &out);
 
   ck_assert_msg (WIFEXITED (status) && WEXITSTATUS (status) == 0, "%s %s failed:\n%s",
                  argv[0], argv[1], out);
@@ -308,7 +290,7 @@ vma_extract (const char *archive, char **output)
   g_autofree char *dir = g_strconcat (archive, ".extract", NULL);
   const char *argv[] = { vma_bin, "extract", archive, dir, NULL };
 
-  return run_tool (argv, output);
+  return tl_run_tool (argv, output);
 }
 
 /* The archive extracts (vma extract checks every cluster of every
@@ -778,26 +760,6 @@ jstr (json_object *o, const char *key)
   return json_object_object_get_ex (o, key, &v) ? json_object_get_string (v) : NULL;
 }
 
-/* The record's snapshot-access entry of drive key. */
-static json_object *
-access_info (struct fleece_handle *h, const char *key)
-{
-  g_autofree char *rec = fleece_get_record (h);
-  json_object *r, *drives, *acc = NULL;
-
-  ck_assert_msg (rec, "%s", fleece_get_error ());
-  r = tl_json ("%s", rec);
-  ck_assert (json_object_object_get_ex (r, "drives", &drives));
-  for (size_t i = 0; i < json_object_array_length (drives); i++) {
-    json_object *d = json_object_array_get_idx (drives, i), *a;
-    if (g_strcmp0 (jstr (d, "key"), key) == 0 && json_object_object_get_ex (d, "access", &a))
-      acc = json_object_get (a);
-  }
-  json_object_put (r);
-  ck_assert_msg (acc, "no access entry for %s in %s", key, rec);
-  return acc;
-}
-
 static void
 wait_exports_gone (Vm *vm)
 {
@@ -826,7 +788,7 @@ read_exports (Vm *vm, struct fleece_handle *h, guint8 **pit)
   json_object_put (r);
   for (size_t i = 0; i < vm->tl->ndisks; i++) {
     const TlDisk *d = &vm->tl->disks[i];
-    json_object *acc = access_info (h, d->key);
+    json_object *acc = tl_record_access (h, d->key);
     g_autofree char *uri = g_strdup_printf ("nbd+unix:///%s?socket=%s", d->key, sock);
     g_autofree char *out = g_strdup_printf ("%s/%s.export", vm->tl->target, d->key);
     g_autofree char *what = g_strdup_printf ("the NBD export of %s", d->key);

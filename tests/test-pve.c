@@ -1087,26 +1087,6 @@ END_TEST
 
 /* ---- backup access for external providers ------------------------------------------ */
 
-/* The record's snapshot-access info of each drive, by key. */
-static json_object *
-access_info (struct fleece_handle *h, const char *key)
-{
-  g_autofree char *rec = fleece_get_record (h);
-  json_object *r, *drives, *acc = NULL;
-
-  ck_assert_msg (rec, "%s", fleece_get_error ());
-  r = tl_json ("%s", rec);
-  ck_assert (json_object_object_get_ex (r, "drives", &drives));
-  for (size_t i = 0; i < json_object_array_length (drives); i++) {
-    json_object *d = json_object_array_get_idx (drives, i), *a;
-    if (g_strcmp0 (jget (d, "key"), key) == 0 && json_object_object_get_ex (d, "access", &a))
-      acc = json_object_get (a);
-  }
-  json_object_put (r);
-  ck_assert_msg (acc, "no access info for %s in %s", key, rec);
-  return acc;
-}
-
 static void
 run_tool (const char *const *argv)
 {
@@ -1132,7 +1112,7 @@ read_exports (Vm *vm, struct fleece_handle *h, guint8 **pit)
               tl_json ("{\"addr\": {\"type\": \"unix\", \"data\": {\"path\": \"%s\"}}}", sock));
   json_object_put (r);
   for (size_t i = 0; i < NDISKS; i++) {
-    json_object *acc = access_info (h, disks[i].key);
+    json_object *acc = tl_record_access (h, disks[i].key);
     g_autofree char *uri = g_strdup_printf ("nbd+unix:///%s?socket=%s", disks[i].key, sock);
     g_autofree char *out = g_strdup_printf ("%s/%s.export", vm->tl->target, disks[i].key);
     const char *convert[] = { "qemu-img", "convert", "-q", "-f", "raw", "-O", "raw", uri, out,
@@ -1218,12 +1198,12 @@ START_TEST (test_backup_access)
   read_exports (vm, h, pit);
   ck_assert_int_eq (fleece_wait (h, 100), 0);
   {
-    json_object *acc = access_info (h, "scsi0");
+    json_object *acc = tl_record_access (h, "scsi0");
     ck_assert_str_eq (jget (acc, "bitmap-action"), "new");
     ck_assert_str_eq (jget (acc, "bitmap-name"), "snapshot-access:ext");
     scsi0_root = g_strdup (jget (acc, "bitmap-node-name"));
     json_object_put (acc);
-    acc = access_info (h, "scsi1");
+    acc = tl_record_access (h, "scsi1");
     scsi1_root = g_strdup (jget (acc, "bitmap-node-name"));
     json_object_put (acc);
   }
@@ -1252,11 +1232,11 @@ START_TEST (test_backup_access)
   ck_assert_int_eq (fleece_attach (h, p, 0), 0);
   ck_assert_msg (fleece_start (h, p, t, 0) == 0, "%s", fleece_get_error ());
   {
-    json_object *acc = access_info (h, "scsi0");
+    json_object *acc = tl_record_access (h, "scsi0");
     ck_assert_str_eq (jget (acc, "bitmap-action"), "used");
     json_object_put (acc);
     /* Mode none drops the bitmap and reports none. */
-    acc = access_info (h, "scsi1");
+    acc = tl_record_access (h, "scsi1");
     ck_assert_ptr_null (jget (acc, "bitmap-name"));
     json_object_put (acc);
     ck_assert_int_eq (bitmap_count (vm, scsi1_root, "snapshot-access:ext"), -1);

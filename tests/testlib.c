@@ -1377,3 +1377,41 @@ tl_mount_tmpfs (const char *dir, const char *size)
                  g_strerror (errno));
   unmount_when_gone (dir);
 }
+
+int
+tl_run_tool (const char *const *argv, char **output)
+{
+  g_autoptr (GError) err = NULL;
+  g_autofree char *out = NULL;
+  g_autofree char *errout = NULL;
+  int status;
+
+  ck_assert_msg (g_spawn_sync (NULL, (char **) argv, NULL,
+                               G_SPAWN_SEARCH_PATH | G_SPAWN_STDIN_FROM_DEV_NULL, NULL, NULL,
+                               &out, &errout, &status, &err),
+                 "%s: %s", argv[0], err ? err->message : "");
+  if (output)
+    *output = g_strconcat (out, errout, NULL);
+  return status;
+}
+
+json_object *
+tl_record_access (struct fleece_handle *h, const char *key)
+{
+  g_autofree char *rec = fleece_get_record (h);
+  json_object *r, *drives, *acc = NULL;
+
+  ck_assert_msg (rec, "%s", fleece_get_error ());
+  r = tl_json ("%s", rec);
+  ck_assert (json_object_object_get_ex (r, "drives", &drives));
+  for (size_t i = 0; i < json_object_array_length (drives); i++) {
+    json_object *d = json_object_array_get_idx (drives, i), *k, *a;
+    if (json_object_object_get_ex (d, "key", &k)
+        && g_strcmp0 (json_object_get_string (k), key) == 0
+        && json_object_object_get_ex (d, "access", &a))
+      acc = json_object_get (a);
+  }
+  json_object_put (r);
+  ck_assert_msg (acc, "no access entry for %s in %s", key, rec);
+  return acc;
+}

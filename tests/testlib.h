@@ -212,4 +212,13 @@ uint64_t tl_dir_allocated_bytes (const char *dir);
  * the test does itself: umount (dir)). */
 void tl_mount_tmpfs (const char *dir, const char *size);
 
+/* Run a program (PATH searched, stdin /dev/null): its wait status; what it
+ * printed (stdout, then stderr) in *output (g_free) unless output is NULL.
+ * Aborts the test if it cannot be started. */
+int tl_run_tool (const char *const *argv, char **output);
+
+/* The "access" entry (backup access for external providers) of drive key
+ * in h's record (json_object_put); aborts the test if there is none. */
+json_object *tl_record_access (struct fleece_handle *h, const char *key);
+
 #endif
