@@ -109,6 +109,28 @@ add_drive (struct fleece_plan *p, char *key, const char *device,
   g_ptr_array_add (p->drives, d);
 }
 
+/* Does what the top layer of the image below image's filters has not
+ * allocated read as zeroes?  query-block nests each node's filtered or
+ * backing child as "backing-image": throttle → qcow2 → (backing).  Only a
+ * qcow2 image with neither a backing child nor a backing file name
+ * qualifies: where it has a backing file its unallocated areas hold the
+ * backing file's data, and a backup that skipped them would lose it. */
+static bool
+unallocated_reads_zero (json_object *image)
+{
+  static const char *const filters[] = { "throttle", "copy-on-read", "preallocate", NULL };
+
+  for (json_object *i = image; i; i = fleece_jobj (i, "backing-image")) {
+    const char *fmt = fleece_jstr (i, "format");
+
+    if (fmt && g_strv_contains (filters, fmt))
+      continue;
+    return g_strcmp0 (fmt, "qcow2") == 0 && !fleece_jobj (i, "backing-image") &&
+           !fleece_jstr (i, "backing-filename");
+  }
+  return false;
+}
+
 /* Why a BlockBackend with a medium is not backed up, or NULL if it is. */
 static const char *
 skip_reason (json_object *b, json_object *ins, const char *qom)
@@ -173,6 +195,8 @@ read_block (struct fleece_plan *p, json_object *b, GError **err)
   }
   add_drive (p, g_steal_pointer (&key), NULL, qom, node,
              (uint64_t) json_object_get_int64 (size));
+  ((FleeceDrive *) p->drives->pdata[p->drives->len - 1])->unallocated_zero =
+    unallocated_reads_zero (fleece_jobj (ins, "image"));
   return true;
 }
 

@@ -202,8 +202,20 @@ perf_args (FleeceCtx *ctx, const FleeceDrive *d)
   return perf;
 }
 
+/* What a full backup copies.  "top" skips what the source's top layer
+ * never allocated, where that reads as zeroes and the target does too
+ * already: a sparse disk then costs what it holds, not its size ("full"
+ * writes zeroes over every unallocated area: an NBD request per job chunk,
+ * a raw file allocated to its full size).  A fleeced drive's job reads
+ * snapshot-access, which reports every area as allocated: "full" there. */
+static const char *
+full_sync (const FleeceDrive *d, bool target_zeroed)
+{
+  return !d->fleeced && d->unallocated_zero && target_zeroed ? "top" : "full";
+}
+
 static json_object *
-backup_action (FleeceCtx *ctx, const FleeceDrive *d)
+backup_action (FleeceCtx *ctx, const FleeceDrive *d, bool target_zeroed)
 {
   g_autofree char *job = job_id (d->key);
   g_autofree char *src = d->fleeced ? snap_node (d->key) : g_strdup (d->root);
@@ -215,7 +227,7 @@ backup_action (FleeceCtx *ctx, const FleeceDrive *d)
   fleece_jset_str (a, "job-id", job);
   fleece_jset_str (a, "device", src);
   fleece_jset_str (a, "target", tgt);
-  fleece_jset_str (a, "sync", incremental ? "bitmap" : "full");
+  fleece_jset_str (a, "sync", incremental ? "bitmap" : full_sync (d, target_zeroed));
   /* The copy is the run's read-only manifest: the job never changes it
    * (on success it would become the job's successor, holding only what
    * was written to the job's source meanwhile), so a failed run gives
@@ -1306,7 +1318,8 @@ cmd_start_jobs (FleeceRun *run, GError **err)
       bitmap_new_actions (ctx, e, actions);
   }
   for (guint i = 0; i < run->plan->drives->len; i++)
-    json_object_array_add (actions, backup_action (ctx, run->plan->drives->pdata[i]));
+    json_object_array_add (actions, backup_action (ctx, run->plan->drives->pdata[i],
+                                                   run->target_zeroed));
   json_object_object_add (a, "actions", actions);
   return qmp_do (ctx, "transaction", a, err);
 }
@@ -1360,6 +1373,9 @@ qemu_start (FleeceRun *run, struct fleece_target *t, GError **err)
   g_autoptr (GError) uerr = NULL;
   bool running = false;
 
+  /* The files of a directory without a base are new (O_EXCL): sparse
+   * raw, or qcow2 without a backing file. */
+  run->target_zeroed = t->kind == FLEECE_TARGET_DIR && !t->base;
   if (prepare_start (run, t, &running, err) &&
       add_targets (run, t, err) && fleece_run_save (run, err) &&
       pause_and_start (run, running, err)) {

@@ -37,6 +37,8 @@ typedef struct {
   bool cancel_sent;             /* the cancel went to QEMU */
   bool finishing;               /* all data out, the backup ends */
   bool totals_known;            /* the engine reports the figures below */
+  bool target_zeroed;           /* every target reads as zeroes until
+                                 * written (fresh files of a full backup) */
   uint64_t zero, reused, dirty; /* the whole backup's (Proxmox engine) */
 } FleeceRun;
 

@@ -285,6 +285,9 @@ typedef struct {
   char *image;           /* vm-100-fleece-0.qcow2 */
   char *format;          /* qcow2 / raw */
   uint64_t cluster_size; /* fleecing image cluster size */
+  bool unallocated_zero; /* below its filters a qcow2 image without a
+                          * backing file: what its top layer has not
+                          * allocated reads as zeroes (plan time) */
   /* run state */
   char *volid;
   uint64_t done, total, zero, reused, dirty;

@@ -852,6 +852,119 @@ START_TEST (test_iothread_guard)
 }
 END_TEST
 
+/* ---- sparse sources ------------------------------------------------------ */
+
+static void
+run_ok (const char *const *argv)
+{
+  g_autofree char *out = NULL;
+  int st = tl_run_tool (argv, &out);
+
+  ck_assert_msg (g_spawn_check_wait_status (st, NULL), "%s: %s", argv[0], out);
+}
+
+static void
+qemu_io_write (const char *img, const char *cmd)
+{
+  run_ok ((const char *const[]) { "qemu-io", "-f", "qcow2", "-c", cmd, img, NULL });
+}
+
+/* A qemu-server 9 shaped virtio-blk drive (throttle → qcow2 → file);
+ * QEMU opens the qcow2's backing file from its header. */
+static void
+add_sparse_drive (GPtrArray *args, const char *key, const char *img)
+{
+  g_ptr_array_add (args, g_strdup ("-object"));
+  g_ptr_array_add (args, g_strdup_printf (
+    "{\"id\":\"throttle-drive-%s\",\"limits\":{},\"qom-type\":\"throttle-group\"}", key));
+  g_ptr_array_add (args, g_strdup ("-blockdev"));
+  g_ptr_array_add (args, g_strdup_printf (
+    "{\"driver\":\"throttle\",\"throttle-group\":\"throttle-drive-%s\","
+    "\"node-name\":\"drive-%s\",\"file\":{\"driver\":\"qcow2\",\"node-name\":\"f%s\","
+    "\"file\":{\"driver\":\"file\",\"filename\":\"%s\",\"node-name\":\"e%s\"}}}",
+    key, key, key, img, key));
+  g_ptr_array_add (args, g_strdup ("-device"));
+  g_ptr_array_add (args, g_strdup_printf ("virtio-blk-pci,drive=drive-%s,id=%s", key, key));
+}
+
+/* Backed up without fleecing to fresh files, a qcow2 disk costs what it
+ * holds, not its virtual size: what its image never allocated is skipped,
+ * the raw target stays sparse.  A linked clone (qcow2 over a backing
+ * file) gets its backing file's data all the same: its unallocated areas
+ * are not zeroes. */
+START_TEST (test_sparse_source)
+{
+  static const char *const formats[] = { "raw", "qcow2" };
+  const char *fmt = formats[_i];
+  char *keep = tl_tmpdir_new ("sparse");
+  g_autofree char *sparse = g_build_filename (keep, "sparse.qcow2", NULL);
+  g_autofree char *base = g_build_filename (keep, "base.qcow2", NULL);
+  g_autofree char *clone = g_build_filename (keep, "clone.qcow2", NULL);
+  g_autoptr (GPtrArray) args = g_ptr_array_new_with_free_func (g_free);
+  g_autoptr (GString) log = g_string_new (NULL);
+  TlVm vm = { .dir = keep };
+  struct fleece_handle *h;
+  struct fleece_plan *p;
+  struct fleece_target *t;
+
+  /* 32 GiB holding 1.06 MiB; a clone whose 1 MiB lives in its base. */
+  run_ok ((const char *const[]) { "qemu-img", "create", "-q", "-f", "qcow2", sparse, "32G", NULL });
+  qemu_io_write (sparse, "write -P 0x11 0 64k");
+  qemu_io_write (sparse, "write -P 0x22 20G 1M");
+  run_ok ((const char *const[]) { "qemu-img", "create", "-q", "-f", "qcow2", base, "4G", NULL });
+  qemu_io_write (base, "write -P 0x5a 1G 1M");
+  run_ok ((const char *const[]) { "qemu-img", "create", "-q", "-f", "qcow2", "-b", base,
+                                  "-F", "qcow2", clone, "4G", NULL });
+  qemu_io_write (clone, "write -P 0x33 3G 64k");
+
+  add_sparse_drive (args, "virtio0", sparse);
+  add_sparse_drive (args, "virtio1", clone);
+  g_ptr_array_add (args, NULL);
+  vm.q = tl_qemu_start ((const char *const *) args->pdata);
+  vm.storage = g_build_filename (keep, "storage", NULL);
+  vm.target = g_build_filename (keep, "target", NULL);
+  vm.state = g_build_filename (keep, "state", NULL);
+  ck_assert_int_eq (g_mkdir (vm.storage, 0700), 0);
+  ck_assert_int_eq (g_mkdir (vm.target, 0700), 0);
+
+  h = tl_handle (&vm, VMID, log);
+  ck_assert_int_eq (fleece_set_plan_flags (h, FLEECE_PLAN_NO_FLEECING), 0);
+  p = tl_plan (h, log);
+  ck_assert_int_eq (fleece_plan_get_drive_count (p), 2);
+  t = fleece_target_new_dir (vm.target, fmt);
+  ck_assert_msg (t && fleece_attach (h, p, 0) == 0 && fleece_start (h, p, t, 0) == 0,
+                 "%s\n%s", fleece_get_error (), log->str);
+  ck_assert_msg (tl_wait_end (h, 50) == 1, "%s\n%s", fleece_get_error (), log->str);
+  ck_assert_int_eq (fleece_cleanup (h, 0), 0);
+
+  {
+    g_autofree char *name0 = g_strdup_printf ("virtio0.%s", fmt);
+    g_autofree char *name1 = g_strdup_printf ("virtio1.%s", fmt);
+    g_autofree char *t0 = g_build_filename (vm.target, name0, NULL);
+    g_autofree char *t1 = g_build_filename (vm.target, name1, NULL);
+
+    /* Byte for byte the guest's view, the clone's base data included. */
+    run_ok ((const char *const[]) { "qemu-img", "compare", "-U", "-f", "qcow2", "-F", fmt,
+                                    sparse, t0, NULL });
+    run_ok ((const char *const[]) { "qemu-img", "compare", "-U", "-f", "qcow2", "-F", fmt,
+                                    clone, t1, NULL });
+    /* The data and (qcow2) its metadata, not 32 GiB nor zero clusters
+     * all over (8 bytes of L2 per 64 KiB: 4 MiB for 32 GiB). */
+    ck_assert_msg (tl_allocated_bytes (t0) < 3 * MiB, "%s: %" PRIu64 " bytes allocated",
+                   t0, tl_allocated_bytes (t0));
+    ck_assert_msg (tl_allocated_bytes (t1) >= MiB + 64 * 1024, "%s: %" PRIu64 " bytes allocated",
+                   t1, tl_allocated_bytes (t1));
+  }
+  fleece_plan_free (p);
+  fleece_free (h);
+  tl_qemu_stop (vm.q);
+  g_free (vm.storage);
+  g_free (vm.target);
+  g_free (vm.state);
+  tl_tmpdir_free (keep);
+}
+END_TEST
+
 /* ---- qemu-server's own command lines ------------------------------------ */
 
 static const TlCfgOpts small = { .max_size = 8 * MiB, .default_size = 8 * MiB };
@@ -971,6 +1084,7 @@ lifecycle_suite (void)
   add (s, "nbd_target", test_nbd_target, 1);
   add (s, "fd_target", test_fd_target, 1);
   add (s, "iothread_guard", test_iothread_guard, 1);
+  add (s, "sparse_source", test_sparse_source, 2);
   add (s, "cfg2cmd_iothread", test_cfg2cmd_iothread, 1);
   add (s, "cfg2cmd_backup", test_cfg2cmd_backup, G_N_ELEMENTS (fixtures));
   return s;
