@@ -16,6 +16,18 @@ cache=${FLEECE_BENCH_CACHE:-/var/cache/fleece-bench-guest}
 debs=$cache/debs
 log() { echo "build-guest: $*" >&2; }
 
+# A missing tool inside $(...) or a pipeline would not stop `set -e`: the
+# image would come out without modules or empty.  Check them first.
+missing=
+for tool in apt-get dpkg-deb cc strip cpio gzip modinfo:kmod; do
+  cmd=${tool%%:*}
+  command -v "$cmd" >/dev/null 2>&1 || missing="$missing ${tool#*:}"
+done
+if [ -n "$missing" ]; then
+  log "missing:$missing (apt-get install$missing)"
+  exit 1
+fi
+
 mkdir -p "$debs"
 
 # ---- the packages ------------------------------------------------------------
