@@ -538,7 +538,7 @@ fleece_add_image_format (FleeceCtx *ctx, const FleeceDrive *d, const char *node,
 
 bool
 fleece_format_qcow2 (FleeceCtx *ctx, const char *job, const char *node,
-                     uint64_t size, const char *backing,
+                     uint64_t size, uint64_t cluster_size, const char *backing,
                      const char *backing_fmt, GError **err)
 {
   json_object *a = json_object_new_object ();
@@ -547,6 +547,8 @@ fleece_format_qcow2 (FleeceCtx *ctx, const char *job, const char *node,
   fleece_jset_str (o, "driver", "qcow2");
   fleece_jset_str (o, "file", node);
   fleece_jset_int (o, "size", (int64_t) size);
+  if (cluster_size)
+    fleece_jset_int (o, "cluster-size", (int64_t) cluster_size);
   if (backing) {
     fleece_jset_str (o, "backing-file", backing);
     fleece_jset_str (o, "backing-fmt", backing_fmt);

@@ -728,7 +728,7 @@ format_images (FleeceRun *run, GError **err)
     if (!d->fleeced || !fleece_jbool (fleece_run_drive (run, d->key), "unformatted"))
       continue;
     if (!fleece_add_image_file (run->ctx, d, fnode, err) ||
-        !fleece_format_qcow2 (run->ctx, job, fnode, d->size, NULL, NULL, err))
+        !fleece_format_qcow2 (run->ctx, job, fnode, d->size, 0, NULL, NULL, err))
       return false;
     g_hash_table_insert (jobs, g_steal_pointer (&job), g_strdup (d->image));
   }

@@ -966,7 +966,7 @@ add_image_files (FleeceRun *run, GHashTable *jobs, GError **err)
     if (!fleece_add_image_file (ctx, d, fnode, err))
       return false;
     if (fleece_jbool (fleece_run_drive (run, d->key), "unformatted")) {
-      if (!fleece_format_qcow2 (ctx, job, fnode, d->size, NULL, NULL, err))
+      if (!fleece_format_qcow2 (ctx, job, fnode, d->size, 0, NULL, NULL, err))
         return false;
       g_hash_table_insert (jobs, g_steal_pointer (&job), g_strdup (d->image));
     }
@@ -1158,6 +1158,26 @@ add_fd_target (FleeceRun *run, struct fleece_target *t, GError **err)
   return fleece_run_save (run, err) && qmp_do (run->ctx, "blockdev-add", a, err);
 }
 
+/* The cluster of a large fleeced drive's qcow2 target in a full backup:
+ * the job's cluster (the job writes whole ones anyway), at most qcow2's
+ * 2 MiB.  The job writes zeroes over every area the source does not hold
+ * (full_sync()): with 64 KiB clusters that is 128 MiB of zero-flagged L2
+ * tables per TiB of disk, with 1 MiB ones 8 MiB and the walk a third
+ * faster (bench/findings.md).  But an image's header, L1, refcount table
+ * and block take a cluster each: 1 MiB clusters only pay off from about
+ * 40 GiB of disk, and an incremental's small image would grow.  An
+ * unfleeced drive keeps 64 KiB: its job's cluster follows the target's,
+ * and without fleecing a guest write waits for a whole job cluster's copy. */
+#define BIG_TARGET_CLUSTER_FROM (64ULL << 30)
+
+static uint64_t
+target_cluster (FleeceCtx *ctx, const FleeceDrive *d, bool incremental)
+{
+  if (!d->fleeced || incremental || d->size < BIG_TARGET_CLUSTER_FROM)
+    return 0;
+  return MIN (job_cluster (ctx, d), 2 * 1024 * 1024);
+}
+
 /* A directory's qcow2 image is formatted by QEMU (as the fleecing images
  * are); an incremental's over the previous backup of the chain. */
 static bool
@@ -1174,7 +1194,8 @@ format_dir_targets (FleeceRun *run, struct fleece_target *t, GError **err)
 
     if ((t->base && !fleece_target_backing (t, d->key, &backing, &backing_fmt, err)) ||
         !qmp_do (run->ctx, "blockdev-add", fleece_target_file_blockdev (t, d->key, fnode), err) ||
-        !fleece_format_qcow2 (run->ctx, job, fnode, d->size, backing, backing_fmt, err))
+        !fleece_format_qcow2 (run->ctx, job, fnode, d->size, target_cluster (run->ctx, d, t->base != NULL),
+                              backing, backing_fmt, err))
       return false;
     g_hash_table_insert (jobs, g_steal_pointer (&job), fleece_target_dir_path (t, d->key));
   }

@@ -168,11 +168,13 @@ bool fleece_add_image_format (FleeceCtx *ctx, const FleeceDrive *d,
                               const char *node, const char *file_node,
                               GError **err);
 /* QEMU writes qcow2 metadata for size bytes into the file under node, in
- * a job (blockdev-create: 64 KiB clusters, no preallocation, as qemu-img);
- * backing / backing_fmt for an incremental image of a chain (or NULL). */
+ * a job (blockdev-create: no preallocation, as qemu-img; clusters of
+ * cluster_size bytes, 0 for qcow2's 64 KiB); backing / backing_fmt for an
+ * incremental image of a chain (or NULL). */
 bool fleece_format_qcow2 (FleeceCtx *ctx, const char *job, const char *node,
-                          uint64_t size, const char *backing,
-                          const char *backing_fmt, GError **err);
+                          uint64_t size, uint64_t cluster_size,
+                          const char *backing, const char *backing_fmt,
+                          GError **err);
 /* Wait for the blockdev-create jobs in ids (job id -> the image it
  * formats), dismiss them, and fail with the first error one ended with. */
 bool fleece_finish_format_jobs (FleeceCtx *ctx, GHashTable *ids, GError **err);

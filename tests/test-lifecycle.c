@@ -416,6 +416,37 @@ allocated_in_storage (Vm *vm)
   return sum;
 }
 
+/* A qcow2 image's cluster size, from qemu-img info. */
+static int64_t
+qcow2_cluster_size (const char *path)
+{
+  g_autofree char *out = NULL;
+  json_object *info, *cs;
+  int64_t r;
+
+  ck_assert_int_eq (tl_run_tool ((const char *const[]) { "qemu-img", "info", "-U",
+                                                         "--output=json", path, NULL }, &out), 0);
+  info = json_tokener_parse (out);
+  ck_assert_msg (info && json_object_object_get_ex (info, "cluster-size", &cs), "%s", out);
+  r = json_object_get_int64 (cs);
+  json_object_put (info);
+  return r;
+}
+
+/* Small disks' qcow2 targets keep qcow2's 64 KiB clusters, fleeced or
+ * not (test_sparse_source has a large one). */
+static void
+assert_target_clusters (Vm *vm)
+{
+  for (size_t i = 0; i < NDISKS; i++) {
+    g_autofree char *name = g_strdup_printf ("%s.qcow2", disks[i].key);
+    g_autofree char *path = g_build_filename (vm->tl->target, name, NULL);
+
+    ck_assert_msg (qcow2_cluster_size (path) == 64 * 1024,
+                   "%s: cluster size %" G_GINT64_FORMAT, name, qcow2_cluster_size (path));
+  }
+}
+
 /* The whole job: a slowed backup of every drive while the guest overwrites
  * what is not backed up yet; the backup holds the point in time, the guest
  * its writes, QEMU the graph it had. */
@@ -471,6 +502,8 @@ run_full_backup (Shape shape, const char *target_format)
   assert_status_none (h);
   tl_check_point_in_time (vm->tl, pit, vm->tl->target, target_format);
   assert_new_data (vm, 0xee);
+  if (strcmp (target_format, "qcow2") == 0)
+    assert_target_clusters (vm);
 
   tl_vm_snapshot_free (vm->tl, pit);
   fleece_target_free (t);
@@ -891,11 +924,14 @@ add_sparse_drive (GPtrArray *args, const char *key, const char *img)
  * holds, not its virtual size: what its image never allocated is skipped,
  * the raw target stays sparse.  A linked clone (qcow2 over a backing
  * file) gets its backing file's data all the same: its unallocated areas
- * are not zeroes. */
+ * are not zeroes.  Fleeced (_i 2), the large disk's qcow2 target has the
+ * job's 1 MiB clusters: its job writes zeroes over the unallocated areas,
+ * 16 times less metadata so. */
 START_TEST (test_sparse_source)
 {
-  static const char *const formats[] = { "raw", "qcow2" };
+  static const char *const formats[] = { "raw", "qcow2", "qcow2" };
   const char *fmt = formats[_i];
+  bool fleeced = _i == 2;
   char *keep = tl_tmpdir_new ("sparse");
   g_autofree char *sparse = g_build_filename (keep, "sparse.qcow2", NULL);
   g_autofree char *base = g_build_filename (keep, "base.qcow2", NULL);
@@ -907,8 +943,8 @@ START_TEST (test_sparse_source)
   struct fleece_plan *p;
   struct fleece_target *t;
 
-  /* 32 GiB holding 1.06 MiB; a clone whose 1 MiB lives in its base. */
-  run_ok ((const char *const[]) { "qemu-img", "create", "-q", "-f", "qcow2", sparse, "32G", NULL });
+  /* 64 GiB holding 1.06 MiB; a clone whose 1 MiB lives in its base. */
+  run_ok ((const char *const[]) { "qemu-img", "create", "-q", "-f", "qcow2", sparse, "64G", NULL });
   qemu_io_write (sparse, "write -P 0x11 0 64k");
   qemu_io_write (sparse, "write -P 0x22 20G 1M");
   run_ok ((const char *const[]) { "qemu-img", "create", "-q", "-f", "qcow2", base, "4G", NULL });
@@ -928,9 +964,11 @@ START_TEST (test_sparse_source)
   ck_assert_int_eq (g_mkdir (vm.target, 0700), 0);
 
   h = tl_handle (&vm, VMID, log);
-  ck_assert_int_eq (fleece_set_plan_flags (h, FLEECE_PLAN_NO_FLEECING), 0);
+  if (!fleeced)
+    ck_assert_int_eq (fleece_set_plan_flags (h, FLEECE_PLAN_NO_FLEECING), 0);
   p = tl_plan (h, log);
   ck_assert_int_eq (fleece_plan_get_drive_count (p), 2);
+  ck_assert_int_eq (fleece_plan_get_fleeced (p, 0), fleeced);
   t = fleece_target_new_dir (vm.target, fmt);
   ck_assert_msg (t && fleece_attach (h, p, 0) == 0 && fleece_start (h, p, t, 0) == 0,
                  "%s\n%s", fleece_get_error (), log->str);
@@ -948,10 +986,16 @@ START_TEST (test_sparse_source)
                                     sparse, t0, NULL });
     run_ok ((const char *const[]) { "qemu-img", "compare", "-U", "-f", "qcow2", "-F", fmt,
                                     clone, t1, NULL });
-    /* The data and (qcow2) its metadata, not 32 GiB nor zero clusters
-     * all over (8 bytes of L2 per 64 KiB: 4 MiB for 32 GiB). */
-    ck_assert_msg (tl_allocated_bytes (t0) < 3 * MiB, "%s: %" PRIu64 " bytes allocated",
-                   t0, tl_allocated_bytes (t0));
+    /* The data and (qcow2) its metadata, not 64 GiB nor zero clusters
+     * all over (8 bytes of L2 per 64 KiB: 8 MiB for 64 GiB). */
+    if (!fleeced)
+      ck_assert_msg (tl_allocated_bytes (t0) < 3 * MiB, "%s: %" PRIu64 " bytes allocated",
+                     t0, tl_allocated_bytes (t0));
+    if (strcmp (fmt, "qcow2") == 0) {
+      ck_assert_int_eq (qcow2_cluster_size (t0), fleeced ? MiB : 64 * 1024);
+      ck_assert_int_eq (qcow2_cluster_size (t1), 64 * 1024);
+    }
+
     ck_assert_msg (tl_allocated_bytes (t1) >= MiB + 64 * 1024, "%s: %" PRIu64 " bytes allocated",
                    t1, tl_allocated_bytes (t1));
   }
@@ -1084,7 +1128,7 @@ lifecycle_suite (void)
   add (s, "nbd_target", test_nbd_target, 1);
   add (s, "fd_target", test_fd_target, 1);
   add (s, "iothread_guard", test_iothread_guard, 1);
-  add (s, "sparse_source", test_sparse_source, 2);
+  add (s, "sparse_source", test_sparse_source, 3);
   add (s, "cfg2cmd_iothread", test_cfg2cmd_iothread, 1);
   add (s, "cfg2cmd_backup", test_cfg2cmd_backup, G_N_ELEMENTS (fixtures));
   return s;
