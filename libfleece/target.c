@@ -441,7 +441,23 @@ fleece_target_file_blockdev (const struct fleece_target *t, const char *key,
   json_object_object_add (file, "driver", json_object_new_string ("file"));
   json_object_object_add (file, "filename", json_object_new_string (path));
   json_object_object_add (file, "node-name", json_object_new_string (file_node));
+  json_object_object_add (file, "discard", json_object_new_string ("unmap"));
   return file;
+}
+
+/* The job writes what it reads as data, zeroes included: a linked
+ * clone's unallocated areas read through snapshot-access come as data
+ * (QEMU reports them neither allocated nor zero there), and so do the
+ * zero-filled areas of any raw disk.  detect-zeroes turns a zero buffer
+ * into a write-zeroes request that may unmap: the new file stays sparse,
+ * the NBD server gets no zero bytes.  A new directory file reads as
+ * zeroes already, an NBD export is the caller's: both only lose zero
+ * bytes written as data, never data. */
+static void
+detect_zeroes (json_object *o)
+{
+  json_object_object_add (o, "detect-zeroes", json_object_new_string ("unmap"));
+  json_object_object_add (o, "discard", json_object_new_string ("unmap"));
 }
 
 json_object *
@@ -459,6 +475,7 @@ fleece_target_blockdev (const struct fleece_target *t, const char *key,
                             : fleece_target_file_blockdev (t, key, file_node));
     if (t->base && strcmp (t->format, "qcow2") == 0)
       json_object_object_add (o, "backing", NULL);
+    detect_zeroes (o);
   } else if (t->kind == FLEECE_TARGET_NBD) {
     json_object *server = json_object_new_object ();
 
@@ -476,6 +493,7 @@ fleece_target_blockdev (const struct fleece_target *t, const char *key,
     json_object_object_add (o, "driver", json_object_new_string ("nbd"));
     json_object_object_add (o, "server", server);
     json_object_object_add (o, "export", json_object_new_string (key));
+    detect_zeroes (o);
   }
   return o;
 }
