@@ -1388,6 +1388,26 @@ prepare_start (FleeceRun *run, struct fleece_target *t, bool *running,
          fleece_run_save (run, err);
 }
 
+/* A large sparse fleeced disk fills a raw target file: its job writes
+ * zeroes over what the disk does not hold (full_sync()), and QEMU
+ * allocates them in a raw file.  Say so before it happens. */
+static void
+warn_raw_fills (FleeceRun *run, const struct fleece_target *t)
+{
+  if (t->kind != FLEECE_TARGET_DIR || strcmp (t->format, "raw") != 0)
+    return;
+  for (guint i = 0; i < run->plan->drives->len; i++) {
+    FleeceDrive *d = run->plan->drives->pdata[i];
+
+    if (!d->fleeced || !d->unallocated_zero || d->size < BIG_TARGET_CLUSTER_FROM)
+      continue;
+    fleece_log (run->ctx, FLEECE_LOG_WARNING, "%s: its raw target file will take the disk's "
+                "full %.1f GiB, however little the disk holds: with fleecing QEMU writes "
+                "zeroes over what a sparse disk does not hold; a qcow2 target stays small",
+                d->key, (double) d->size / (1 << 30));
+  }
+}
+
 static bool
 qemu_start (FleeceRun *run, struct fleece_target *t, GError **err)
 {
@@ -1397,6 +1417,7 @@ qemu_start (FleeceRun *run, struct fleece_target *t, GError **err)
   /* The files of a directory without a base are new (O_EXCL): sparse
    * raw, or qcow2 without a backing file. */
   run->target_zeroed = t->kind == FLEECE_TARGET_DIR && !t->base;
+  warn_raw_fills (run, t);
   if (prepare_start (run, t, &running, err) &&
       add_targets (run, t, err) && fleece_run_save (run, err) &&
       pause_and_start (run, running, err)) {

@@ -928,12 +928,14 @@ add_sparse_drive (GPtrArray *args, const char *key, const char *img)
  * job's 1 MiB clusters: its job writes zeroes over the unallocated areas,
  * 16 times less metadata so; and the clone's target stays sparse too,
  * though snapshot-access hands its unallocated areas to the job as data
- * (zero bytes, which the target turns back into zeroes). */
+ * (zero bytes, which the target turns back into zeroes).  Fleeced to raw
+ * (_i 3) the large disk's file would take its full size: the library
+ * warns, and the test cancels the slowed backup. */
 START_TEST (test_sparse_source)
 {
-  static const char *const formats[] = { "raw", "qcow2", "qcow2" };
+  static const char *const formats[] = { "raw", "qcow2", "qcow2", "raw" };
   const char *fmt = formats[_i];
-  bool fleeced = _i == 2;
+  bool fleeced = _i >= 2;
   char *keep = tl_tmpdir_new ("sparse");
   g_autofree char *sparse = g_build_filename (keep, "sparse.qcow2", NULL);
   g_autofree char *base = g_build_filename (keep, "base.qcow2", NULL);
@@ -959,6 +961,7 @@ START_TEST (test_sparse_source)
   add_sparse_drive (args, "virtio1", clone);
   g_ptr_array_add (args, NULL);
   vm.q = tl_qemu_start ((const char *const *) args->pdata);
+  tl_vm_record_before (&vm);
   vm.storage = g_build_filename (keep, "storage", NULL);
   vm.target = g_build_filename (keep, "target", NULL);
   vm.state = g_build_filename (keep, "state", NULL);
@@ -972,8 +975,20 @@ START_TEST (test_sparse_source)
   ck_assert_int_eq (fleece_plan_get_drive_count (p), 2);
   ck_assert_int_eq (fleece_plan_get_fleeced (p, 0), fleeced);
   t = fleece_target_new_dir (vm.target, fmt);
+  if (_i == 3)
+    ck_assert_int_eq (fleece_set_bwlimit (h, 1), 0);
   ck_assert_msg (t && fleece_attach (h, p, 0) == 0 && fleece_start (h, p, t, 0) == 0,
                  "%s\n%s", fleece_get_error (), log->str);
+  ck_assert_msg ((strstr (log->str, "virtio0: its raw target file will take the disk's "
+                          "full 64.0 GiB") != NULL) == (_i == 3), "%s", log->str);
+  ck_assert_ptr_null (strstr (log->str, "virtio1: its raw"));
+  if (_i == 3) {
+    ck_assert_int_eq (fleece_cancel (h), 0);
+    ck_assert_int_eq (tl_wait_end (h, 50), -1);
+    ck_assert_int_eq (fleece_cleanup (h, 0), 0);
+    tl_assert_nothing_left (&vm, VMID);
+    goto out;
+  }
   ck_assert_msg (tl_wait_end (h, 50) == 1, "%s\n%s", fleece_get_error (), log->str);
   ck_assert_int_eq (fleece_cleanup (h, 0), 0);
 
@@ -1003,9 +1018,15 @@ START_TEST (test_sparse_source)
     ck_assert_msg (tl_allocated_bytes (t1) >= MiB + 64 * 1024, "%s: %" PRIu64 " bytes allocated",
                    t1, tl_allocated_bytes (t1));
   }
+out:
+  tl_assert_graph_unchanged (&vm);
+  fleece_target_free (t);
   fleece_plan_free (p);
   fleece_free (h);
   tl_qemu_stop (vm.q);
+  g_strfreev (vm.nodes_before);
+  g_strfreev (vm.roots_before);
+  g_free (vm.graph_before);
   g_free (vm.storage);
   g_free (vm.target);
   g_free (vm.state);
@@ -1132,7 +1153,7 @@ lifecycle_suite (void)
   add (s, "nbd_target", test_nbd_target, 1);
   add (s, "fd_target", test_fd_target, 1);
   add (s, "iothread_guard", test_iothread_guard, 1);
-  add (s, "sparse_source", test_sparse_source, 3);
+  add (s, "sparse_source", test_sparse_source, 4);
   add (s, "cfg2cmd_iothread", test_cfg2cmd_iothread, 1);
   add (s, "cfg2cmd_backup", test_cfg2cmd_backup, G_N_ELEMENTS (fixtures));
   return s;
