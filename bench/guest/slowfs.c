@@ -140,6 +140,16 @@ s_rename (const char *from, const char *to, unsigned int flags)
   return rename (a, b) == 0 ? 0 : -errno;
 }
 
+/* The library publishes a new image under its name with a hard link. */
+static int
+s_link (const char *from, const char *to)
+{
+  char a[PATH_MAX], b[PATH_MAX];
+  real (a, from);
+  real (b, to);
+  return link (a, b) == 0 ? 0 : -errno;
+}
+
 static int
 s_chmod (const char *path, mode_t mode, struct fuse_file_info *fi)
 {
@@ -266,6 +276,7 @@ static const struct fuse_operations ops = {
   .unlink = s_unlink,
   .rmdir = s_rmdir,
   .rename = s_rename,
+  .link = s_link,
   .chmod = s_chmod,
   .truncate = s_truncate,
   .utimens = s_utimens,
