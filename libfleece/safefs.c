@@ -231,6 +231,11 @@ fleece_file_publish (const char *dir, const char *tmp, const char *name,
     g_set_error (err, FLEECE_ERROR, EEXIST,
                  "%s/%s already exists; not overwriting it (remove it if it "
                  "is a leftover you know, or use another directory)", dir, name);
+  else if (e == EPERM || e == ENOSYS || e == EOPNOTSUPP)
+    g_set_error (err, FLEECE_ERROR, e, "cannot create %s/%s: the file system of %s "
+                 "does not allow hard links (%s), and a new file gets its name by one "
+                 "(so that no existing file is ever replaced): use a local file system "
+                 "such as ext4 or XFS", dir, name, dir, g_strerror (e));
   else if (e)
     g_set_error (err, FLEECE_ERROR, e, "cannot create %s/%s: %s", dir, name,
                  g_strerror (e));
