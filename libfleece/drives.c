@@ -110,13 +110,13 @@ add_drive (struct fleece_plan *p, char *key, const char *device,
 }
 
 /* Does what the top layer of the image below image's filters has not
- * allocated read as zeroes?  query-block nests each node's filtered or
+ * allocated read as zeroes (sync "top" may skip it)?  query-block nests each node's filtered or
  * backing child as "backing-image": throttle → qcow2 → (backing).  Only a
  * qcow2 image with neither a backing child nor a backing file name
  * qualifies: where it has a backing file its unallocated areas hold the
  * backing file's data, and a backup that skipped them would lose it. */
-static bool
-unallocated_reads_zero (json_object *image)
+bool
+fleece_image_unallocated_zero (json_object *image)
 {
   static const char *const filters[] = { "throttle", "copy-on-read", "preallocate", NULL };
 
@@ -196,7 +196,7 @@ read_block (struct fleece_plan *p, json_object *b, GError **err)
   add_drive (p, g_steal_pointer (&key), NULL, qom, node,
              (uint64_t) json_object_get_int64 (size));
   ((FleeceDrive *) p->drives->pdata[p->drives->len - 1])->unallocated_zero =
-    unallocated_reads_zero (fleece_jobj (ins, "image"));
+    fleece_image_unallocated_zero (fleece_jobj (ins, "image"));
   return true;
 }
 

@@ -198,13 +198,17 @@ GHashTable *
 fleece_query_roots (FleeceCtx *ctx, GError **err)
 {
   g_autoptr (json_object) r = fleece_conn_execute (ctx->conn, "query-block", NULL, err);
-  GHashTable *roots;
 
-  if (!r)
-    return NULL;
-  roots = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, g_free);
-  for (size_t i = 0; i < json_object_array_length (r); i++) {
-    json_object *b = json_object_array_get_idx (r, i);
+  return r ? fleece_roots_of (r, NULL) : NULL;
+}
+
+GHashTable *
+fleece_roots_of (json_object *blocks, GHashTable *images)
+{
+  GHashTable *roots = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, g_free);
+
+  for (size_t i = 0; i < json_object_array_length (blocks); i++) {
+    json_object *b = json_object_array_get_idx (blocks, i);
     const char *qdev = fleece_jstr (b, "qdev");
     const char *node = fleece_jstr (fleece_jobj (b, "inserted"), "node-name");
     g_autofree char *path = NULL;
@@ -217,6 +221,8 @@ fleece_query_roots (FleeceCtx *ctx, GError **err)
       path = g_strndup (qdev, strlen (qdev) - strlen ("/virtio-backend"));
     else
       path = g_strdup (qdev);
+    if (images)
+      g_hash_table_replace (images, g_strdup (path), fleece_jobj (fleece_jobj (b, "inserted"), "image"));
     g_hash_table_replace (roots, g_steal_pointer (&path), g_strdup (node));
   }
   return roots;

@@ -1031,11 +1031,16 @@ check_target (FleeceRun *run, struct fleece_target *t, GError **err)
 }
 
 /* The device's root may have changed since planning (a block job, a
- * throttle change); back up and restore the node it uses now. */
+ * throttle change); back up and restore the node it uses now.  What is
+ * below it may have changed too (a snapshot puts an overlay with a backing
+ * file under the throttle node): whether sync "top" may skip what the
+ * image never allocated is decided again here, from the same reply. */
 static bool
 refresh_roots (FleeceRun *run, GError **err)
 {
-  g_autoptr (GHashTable) roots = fleece_query_roots (run->ctx, err);
+  g_autoptr (json_object) blocks = fleece_conn_execute (run->ctx->conn, "query-block", NULL, err);
+  g_autoptr (GHashTable) images = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
+  g_autoptr (GHashTable) roots = blocks ? fleece_roots_of (blocks, images) : NULL;
   GPtrArray *drives = run->plan->drives;
 
   if (!roots)
@@ -1054,6 +1059,8 @@ refresh_roots (FleeceRun *run, GError **err)
       d->root = g_strdup (cur);
       fleece_jset_str (fleece_run_drive (run, d->key), "root", cur);
     }
+    d->unallocated_zero = d->qdev &&
+      fleece_image_unallocated_zero (g_hash_table_lookup (images, d->qdev));
   }
   return true;
 }

@@ -111,6 +111,9 @@ bool fleece_plan_fleecing_unavailable (FleeceCtx *ctx, struct fleece_plan *p,
 GHashTable *fleece_query_nodes (FleeceCtx *ctx, GError **err);
 /* QOM device path -> current root node name. */
 GHashTable *fleece_query_roots (FleeceCtx *ctx, GError **err);
+/* The same from a query-block reply; if images is not NULL, it gets QOM
+ * device path -> that device's "inserted"."image" (owned by blocks). */
+GHashTable *fleece_roots_of (json_object *blocks, GHashTable *images);
 /* The names in QEMU's jobs (query-jobs ids). */
 json_object *fleece_query_jobs (FleeceCtx *ctx, GError **err);
 

@@ -329,6 +329,9 @@ bool fleece_valid_drive_key (const char *key);
  * drive qemu-server attaches for a backup) and p->skipped from query-block
  * and query-named-block-nodes, sorted by key. */
 bool fleece_drives_read (FleeceConn *c, struct fleece_plan *p, GError **err);
+/* Whether what the top layer of a query-block "image" (below its filters)
+ * has not allocated reads as zeroes: a qcow2 without a backing file. */
+bool fleece_image_unallocated_zero (json_object *image);
 
 G_END_DECLS
 
