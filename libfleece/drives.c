@@ -195,8 +195,6 @@ read_block (struct fleece_plan *p, json_object *b, GError **err)
   }
   add_drive (p, g_steal_pointer (&key), NULL, qom, node,
              (uint64_t) json_object_get_int64 (size));
-  ((FleeceDrive *) p->drives->pdata[p->drives->len - 1])->unallocated_zero =
-    fleece_image_unallocated_zero (fleece_jobj (ins, "image"));
   return true;
 }
 

@@ -1374,27 +1374,6 @@ pause_and_start (FleeceRun *run, bool running, GError **err)
   return true;
 }
 
-static bool
-prepare_start (FleeceRun *run, struct fleece_target *t, bool *running,
-               GError **err)
-{
-  g_autoptr (json_object) status = NULL;
-
-  if (!check_target (run, t, err) || !refresh_roots (run, err) ||
-      !record_bitmap_homes (run, err))
-    return false;
-  if (!(status = fleece_conn_execute (run->ctx->conn, "query-status", NULL, err)))
-    return false;
-  *running = fleece_jbool (status, "running");
-  json_object_object_add (run->record, "target", fleece_target_describe (t));
-  fleece_jset_bool (run->record, "paused-by-us", *running);
-  fleece_run_set_state (run, "starting");
-  /* Write-ahead: the target files' run-tagged names and the bitmaps'
-   * homes are in the record before anything is made. */
-  return fleece_run_save (run, err) && create_targets (run, t, err) &&
-         fleece_run_save (run, err);
-}
-
 /* A large sparse fleeced disk fills a raw target file: its job writes
  * zeroes over what the disk does not hold (full_sync()), and QEMU
  * allocates them in a raw file.  Say so before it happens. */
@@ -1416,6 +1395,28 @@ warn_raw_fills (FleeceRun *run, const struct fleece_target *t)
 }
 
 static bool
+prepare_start (FleeceRun *run, struct fleece_target *t, bool *running,
+               GError **err)
+{
+  g_autoptr (json_object) status = NULL;
+
+  if (!check_target (run, t, err) || !refresh_roots (run, err) ||
+      !record_bitmap_homes (run, err))
+    return false;
+  warn_raw_fills (run, t);
+  if (!(status = fleece_conn_execute (run->ctx->conn, "query-status", NULL, err)))
+    return false;
+  *running = fleece_jbool (status, "running");
+  json_object_object_add (run->record, "target", fleece_target_describe (t));
+  fleece_jset_bool (run->record, "paused-by-us", *running);
+  fleece_run_set_state (run, "starting");
+  /* Write-ahead: the target files' run-tagged names and the bitmaps'
+   * homes are in the record before anything is made. */
+  return fleece_run_save (run, err) && create_targets (run, t, err) &&
+         fleece_run_save (run, err);
+}
+
+static bool
 qemu_start (FleeceRun *run, struct fleece_target *t, GError **err)
 {
   g_autoptr (GError) uerr = NULL;
@@ -1424,7 +1425,6 @@ qemu_start (FleeceRun *run, struct fleece_target *t, GError **err)
   /* The files of a directory without a base are new (O_EXCL): sparse
    * raw, or qcow2 without a backing file. */
   run->target_zeroed = t->kind == FLEECE_TARGET_DIR && !t->base;
-  warn_raw_fills (run, t);
   if (prepare_start (run, t, &running, err) &&
       add_targets (run, t, err) && fleece_run_save (run, err) &&
       pause_and_start (run, running, err)) {

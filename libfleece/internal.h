@@ -287,7 +287,7 @@ typedef struct {
   uint64_t cluster_size; /* fleecing image cluster size */
   bool unallocated_zero; /* below its filters a qcow2 image without a
                           * backing file: what its top layer has not
-                          * allocated reads as zeroes (plan time) */
+                          * allocated reads as zeroes (set by start) */
   /* run state */
   char *volid;
   uint64_t done, total, zero, reused, dirty;
